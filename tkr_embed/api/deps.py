@@ -1,0 +1,114 @@
+"""What the routes share: the service handle, content-type checks, image intake, and running an
+embedding call so that domain errors become clear 4xx/503 answers and a client that disconnects
+stops its queued work."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Sequence, TypeVar
+
+from fastapi import Request, UploadFile
+
+from ..engine.batcher import QueueFull
+from ..engine.media import ImageError, decode_base64_image, decode_image
+from ..engine.service import EmbeddingService, ModalityNotSupported
+from ..models.base import DecodedImage, UnsupportedInput
+from ..models.qwen2_vl import InputTooLong
+from ..models.qwen2_vl_image import ImageShapeError
+from .errors import APIError
+
+T = TypeVar("T")
+DISCONNECT_POLL_SECONDS = 0.1
+
+
+def get_service(request: Request) -> EmbeddingService:
+    service: EmbeddingService | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        raise APIError(503, "service_unavailable", "the model is not loaded yet", headers={"Retry-After": "5"})
+    return service
+
+
+def require_content_type(*accepted: str) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in accepted:
+            raise APIError(415, "unsupported_media_type",
+                           f"Content-Type must be {' or '.join(accepted)}, got '{ctype or 'none'}'")
+    return check
+
+
+def require_images(service: EmbeddingService) -> None:
+    """Fail fast, before any image is read or decoded, when the model is text-only."""
+    try:
+        service.require_images()
+    except ModalityNotSupported as e:
+        raise APIError(400, "unsupported_modality", str(e)) from None
+
+
+async def read_upload(upload: UploadFile, max_bytes: int, param: str) -> bytes:
+    """Read at most max_bytes (+1 to detect overflow) without trusting the part's headers."""
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise APIError(413, "request_too_large",
+                       f"{param} is larger than the limit of {max_bytes} bytes (limits.max_image_bytes)", param)
+    return data
+
+
+async def decode_images(service: EmbeddingService, blobs: Sequence[tuple[str, bytes | str]]) -> list[DecodedImage]:
+    """(param, raw bytes or base64 string) -> validated images, decoded in the CPU pool."""
+    lim = service.settings.limits
+
+    def work() -> list[DecodedImage]:
+        out = []
+        for param, blob in blobs:
+            try:
+                data = decode_base64_image(blob, lim.max_image_bytes) if isinstance(blob, str) else blob
+                out.append(decode_image(data, lim.max_image_bytes, lim.max_image_pixels, lim.allowed_image_formats))
+            except ImageError as e:
+                raise APIError(e.status, e.code, f"{param}: {e}", param) from None
+        return out
+
+    return await asyncio.get_running_loop().run_in_executor(service.cpu_pool, work)
+
+
+async def run_embedding(request: Request, call: Callable[[], Awaitable[T]]) -> T:
+    """Run an embedding call; cancel it if the client disconnects; map engine errors to HTTP."""
+    task = asyncio.ensure_future(call())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                break
+            if await request.is_disconnected():
+                task.cancel()  # its queued items are dropped before their forward pass
+                raise APIError(499, "client_closed_request", "client disconnected")
+        return task.result()
+    except QueueFull as e:
+        raise APIError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
+    except ModalityNotSupported as e:
+        raise APIError(400, "unsupported_modality", str(e)) from None
+    except InputTooLong as e:
+        raise APIError(400, "input_too_long", str(e)) from None
+    except ImageShapeError as e:
+        raise APIError(400, "invalid_image", str(e)) from None
+    except UnsupportedInput as e:
+        raise APIError(400, "invalid_request", str(e)) from None
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def check_texts(texts: Sequence[str | None], service: EmbeddingService, param: str) -> None:
+    lim = service.settings.limits
+    if len(texts) > lim.max_items_per_request:
+        raise APIError(400, "too_many_items", f"{param} has {len(texts)} items; the limit is "
+                       f"{lim.max_items_per_request} (limits.max_items_per_request)", param)
+    for i, t in enumerate(texts):
+        p = f"{param}[{i}]" if len(texts) > 1 or param.endswith("s") else param
+        if t is None:
+            continue
+        if not t.strip():
+            raise APIError(400, "invalid_request", f"{p} is empty", p)
+        if len(t) > lim.max_text_chars:
+            raise APIError(413, "request_too_large", f"{p} has {len(t)} characters; the limit is "
+                           f"{lim.max_text_chars} (limits.max_text_chars)", p)

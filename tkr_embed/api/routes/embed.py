@@ -1,0 +1,77 @@
+"""Native embedding routes: /embed/text, /embed/image, /embed/multimodal."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+
+from ...engine.service import EmbeddingService, EmbedResult
+from ...models.base import EmbedItem
+from ..deps import check_texts, decode_images, get_service, read_upload, require_content_type, require_images, run_embedding
+from ..errors import APIError
+from ..responses import FastJSONResponse
+from ..schemas import EmbedResponse, TextEmbedRequest
+
+router = APIRouter(tags=["embeddings"])
+
+
+def _respond(service: EmbeddingService, result: EmbedResult, started: float) -> FastJSONResponse:
+    return FastJSONResponse({
+        "embeddings": result.vectors,
+        "dimension": service.dimension,
+        "model": service.model_id,
+        "cached": result.cached,
+        "processing_time_ms": round((time.perf_counter() - started) * 1000, 3),
+    })
+
+
+@router.post("/embed/text", response_model=EmbedResponse,
+             dependencies=[Depends(require_content_type("application/json"))])
+async def embed_text(body: TextEmbedRequest, request: Request,
+                     service: EmbeddingService = Depends(get_service)):
+    started = time.perf_counter()
+    check_texts(body.texts, service, "texts")
+    items = [EmbedItem(text=t, instruction=body.instruction) for t in body.texts]
+    result = await run_embedding(request, lambda: service.embed(items, body.normalize))
+    return _respond(service, result, started)
+
+
+@router.post("/embed/image", response_model=EmbedResponse,
+             dependencies=[Depends(require_content_type("multipart/form-data"))])
+async def embed_image(request: Request,
+                      file: list[UploadFile] = File(..., description="One or more images (repeat the part)."),
+                      normalize: bool = Form(True), instruction: str | None = Form(None),
+                      service: EmbeddingService = Depends(get_service)):
+    started = time.perf_counter()
+    require_images(service)
+    lim = service.settings.limits
+    if len(file) > lim.max_items_per_request:
+        raise APIError(400, "too_many_items", f"{len(file)} files; the limit is {lim.max_items_per_request} "
+                       "(limits.max_items_per_request)", "file")
+    blobs = [(f"file[{i}]", await read_upload(f, lim.max_image_bytes, f"file[{i}]")) for i, f in enumerate(file)]
+    images = await decode_images(service, blobs)
+    items = [EmbedItem(images=(img,), instruction=instruction) for img in images]
+    result = await run_embedding(request, lambda: service.embed(items, normalize))
+    return _respond(service, result, started)
+
+
+@router.post("/embed/multimodal", response_model=EmbedResponse,
+             dependencies=[Depends(require_content_type("multipart/form-data"))])
+async def embed_multimodal(request: Request,
+                           text: str = Form(..., description="Text fused with the image(s)."),
+                           image: list[UploadFile] = File(..., description="One or more images, fused."),
+                           instruction: str | None = Form(None), normalize: bool = Form(True),
+                           service: EmbeddingService = Depends(get_service)):
+    started = time.perf_counter()
+    require_images(service)
+    lim = service.settings.limits
+    check_texts([text], service, "text")
+    if len(image) > lim.max_items_per_request:
+        raise APIError(400, "too_many_items", f"{len(image)} images; the limit is {lim.max_items_per_request}", "image")
+    blobs = [(f"image[{i}]" if len(image) > 1 else "image",
+              await read_upload(f, lim.max_image_bytes, "image")) for i, f in enumerate(image)]
+    images = await decode_images(service, blobs)
+    items = [EmbedItem(text=text, images=tuple(images), instruction=instruction)]
+    result = await run_embedding(request, lambda: service.embed(items, normalize))
+    return _respond(service, result, started)

@@ -1,0 +1,196 @@
+"""Settings: one object, built once at start from YAML plus EMBEDDING_* environment overrides.
+
+Nothing else in the package reads the environment or config files; the settings object is passed
+down. An invalid value fails at start with a message that names the key (and the variable that set it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Trust X-Forwarded-* from these proxy addresses (uvicorn's forwarded_allow_ips).
+    forwarded_allow_ips: str = "127.0.0.1"
+    docs_enabled: bool = True
+
+
+class ModelSettings(_Section):
+    # A local directory, a Hugging Face repo id, or pkg://<python package>/<dir inside it>.
+    path: str = "OpenSearch-AI/Ops-MM-embedding-v1-7B"
+    # The id clients see (and use as the OpenAI "model"); defaults to the repo id or directory name.
+    name: str | None = None
+    revision: str | None = None
+    quantization: Literal["auto", "q4", "q8", "none"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    # Longest input in tokens (prompt template and image tokens included); None = the model's own limit.
+    max_tokens: int | None = Field(None, ge=8)
+    # Qwen2-VL image budget, in pixels; None = the family default (Ops-MM 256*28*28, GME 4*28*28).
+    min_pixels: int | None = Field(None, ge=28 * 28)
+    max_pixels: int | None = Field(None, ge=28 * 28)
+    download_dir: str | None = None
+
+
+class EngineSettings(_Section):
+    # One batch's budget: padded sequence length x items (image tokens included).
+    max_batch_tokens: int = Field(16384, ge=1)
+    max_batch_items: int = Field(64, ge=1)
+    # Items waiting for the worker; beyond this requests get 503 + Retry-After.
+    max_queue_items: int = Field(4096, ge=1)
+    # Threads that tokenise and decode images (never touch MLX).
+    cpu_threads: int = Field(2, ge=1)
+    retry_after_seconds: int = Field(1, ge=1)
+
+
+class CacheSettings(_Section):
+    enabled: bool = True
+    max_size: int = Field(10000, ge=1)
+    ttl_seconds: float = Field(3600, gt=0)
+
+
+class LimitSettings(_Section):
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_items_per_request: int = Field(256, ge=1)
+    max_text_chars: int = Field(32768, ge=1)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    # Decoded pixels per image, checked before decoding (decompression bombs).
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    allowed_image_formats: list[str] = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+
+    @field_validator("allowed_image_formats")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [f.upper() for f in v]
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: str | None = None
+
+
+class Settings(_Section):
+    environment: Literal["development", "production", "testing"] = "production"
+    debug: bool = False
+    server: ServerSettings = ServerSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    cache: CacheSettings = CacheSettings()
+    limits: LimitSettings = LimitSettings()
+    logging: LoggingSettings = LoggingSettings()
+    # Where the server keeps its state (key store, downloaded models); relative to the config file.
+    data_dir: str = "data"
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+# The seed README's variables, mapped onto settings keys. Any key can also be set with
+# EMBEDDING__SECTION__KEY (double underscores), e.g. EMBEDDING__ENGINE__MAX_BATCH_ITEMS=32.
+ENV_ALIASES: dict[str, str] = {
+    "EMBEDDING_ENV": "environment",
+    "EMBEDDING_DEBUG": "debug",
+    "EMBEDDING_HOST": "server.host",
+    "EMBEDDING_PORT": "server.port",
+    "EMBEDDING_MODEL_PATH": "model.path",
+    "EMBEDDING_MODEL_NAME": "model.name",
+    "EMBEDDING_QUANTIZATION": "model.quantization",
+    "EMBEDDING_DEVICE": "model.device",
+    "EMBEDDING_MAX_TOKENS": "model.max_tokens",
+    "EMBEDDING_CACHE_ENABLED": "cache.enabled",
+    "EMBEDDING_CACHE_SIZE": "cache.max_size",
+    "EMBEDDING_CACHE_TTL": "cache.ttl_seconds",
+    "EMBEDDING_MAX_BATCH_TOKENS": "engine.max_batch_tokens",
+    "EMBEDDING_MAX_BATCH_ITEMS": "engine.max_batch_items",
+    "EMBEDDING_MAX_QUEUE_ITEMS": "engine.max_queue_items",
+    "EMBEDDING_LOG_LEVEL": "logging.level",
+    "EMBEDDING_LOG_FILE": "logging.file",
+    "EMBEDDING_DATA_DIR": "data_dir",
+}
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[leaf] = value
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """dotted key -> (raw value, variable name)."""
+    out: dict[str, tuple[str, str]] = {}
+    for var, value in env.items():
+        if var in ENV_ALIASES:
+            out[ENV_ALIASES[var]] = (value, var)
+        elif var.startswith("EMBEDDING__"):
+            out[var[len("EMBEDDING__"):].lower().replace("__", ".")] = (value, var)
+    return out
+
+
+def _parse_env_value(raw: str) -> Any:
+    # YAML scalars give "true" -> True, "8000" -> 8000, "[a, b]" -> list; pydantic checks the type.
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def load_settings(
+    config_file: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build settings: YAML file, then EMBEDDING_* variables, then explicit overrides (CLI flags)."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = config_file or env.get("EMBEDDING_CONFIG")
+    base_dir = Path.cwd()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise SettingsError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SettingsError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+        base_dir = p.resolve().parent
+    sources: dict[str, str] = {}
+    for dotted, (raw, var) in _env_overrides(env).items():
+        _set_path(data, dotted, _parse_env_value(raw))
+        sources[dotted] = var
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(data, dotted, value)
+            sources[dotted] = "command line"
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            origin = f" (from {sources[key]})" if key in sources else ""
+            problems.append(f"{key}{origin}: {err['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+    # Relative data_dir is relative to the config file, so a service started elsewhere finds it.
+    if not Path(settings.data_dir).is_absolute():
+        settings.data_dir = str((base_dir / settings.data_dir).resolve())
+    return settings

@@ -1,0 +1,185 @@
+"""Token-budget batcher: packs queued items from concurrent requests into forward passes.
+
+A batch is bounded by `max_batch_items` and by `max_batch_tokens` counted as padded length x
+items (image tokens included, since they are part of the sequence). The oldest waiting item is
+always in the next batch (nothing starves); the rest are its neighbours in length order, chosen
+to add the least padding. While the worker runs one batch, new arrivals queue up and form the next
+one, so batches grow with load without any fixed wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from ..models.base import Prepared
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[Sequence[Prepared]], Awaitable[np.ndarray]]
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, retry_after: int, depth: int, limit: int):
+        super().__init__(f"the embedding queue is full ({depth} items waiting, limit {limit}); retry shortly")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Entry:
+    prepared: Prepared
+    future: asyncio.Future
+    seq: int
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_items: int) -> list[int]:
+    """Choose indices (into costs) for the next batch.
+
+    Starts from the oldest entry (lowest seq) and grows a window over the entries sorted by cost,
+    each step taking the neighbour that adds the least padding, while padded_len x items fits.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], seqs[i]))
+    oldest = min(range(len(order)), key=lambda k: seqs[order[k]])
+    lo = hi = oldest
+    while hi - lo + 1 < max_items:
+        n = hi - lo + 1
+        cur_max = costs[order[hi]]
+        options = []
+        if lo > 0:  # a shorter item: pads up to cur_max
+            options.append((cur_max - costs[order[lo - 1]], (n + 1) * cur_max, "lo"))
+        if hi + 1 < len(order):  # a longer item: everyone pads up to it
+            new_max = costs[order[hi + 1]]
+            options.append(((new_max - cur_max) * n, (n + 1) * new_max, "hi"))
+        options = [o for o in options if o[1] <= max_tokens]
+        if not options:
+            break
+        _, _, side = min(options)
+        if side == "lo":
+            lo -= 1
+        else:
+            hi += 1
+    return [order[k] for k in range(lo, hi + 1)]
+
+
+class Batcher:
+    def __init__(self, run_batch: RunBatch, max_batch_tokens: int, max_batch_items: int,
+                 max_queue_items: int, retry_after_seconds: int = 1):
+        self._run_batch = run_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_items = max_batch_items
+        self.max_queue_items = max_queue_items
+        self.retry_after_seconds = retry_after_seconds
+        self._pending: list[_Entry] = []
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        # Counters (read by /info and tests).
+        self.batches_run = 0
+        self.items_run = 0
+        self.items_dropped = 0
+        self.padded_tokens = 0
+        self.real_tokens = 0
+        self.recent_batch_sizes: deque[int] = deque(maxlen=256)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for e in self._pending:
+            if not e.future.done():
+                e.future.set_exception(RuntimeError("the server is shutting down"))
+        self._pending.clear()
+
+    def submit(self, items: Sequence[Prepared]) -> list[asyncio.Future]:
+        """Queue items; all or none (a request is never half-accepted)."""
+        if self._closed:
+            raise RuntimeError("the server is shutting down")
+        if len(self._pending) + len(items) > self.max_queue_items:
+            raise QueueFull(self.retry_after_seconds, len(self._pending), self.max_queue_items)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for p in items:
+            fut = loop.create_future()
+            self._pending.append(_Entry(p, fut, next(self._seq)))
+            futures.append(fut)
+        self._wakeup.set()
+        return futures
+
+    def _take(self) -> list[_Entry]:
+        live = [e for e in self._pending if not e.future.done()]
+        self.items_dropped += len(self._pending) - len(live)  # clients that went away
+        if not live:
+            self._pending = []
+            return []
+        chosen = plan_batch([e.prepared.cost for e in live], [e.seq for e in live],
+                            self.max_batch_tokens, self.max_batch_items)
+        picked = set(chosen)
+        self._pending = [e for i, e in enumerate(live) if i not in picked]
+        return [live[i] for i in chosen]
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            batch = self._take()
+            if not self._pending:
+                self._wakeup.clear()
+            if batch:
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[_Entry]) -> None:
+        prepared = [e.prepared for e in batch]
+        try:
+            vectors = await self._run_batch(prepared)
+        except Exception as exc:  # noqa: BLE001
+            if len(batch) > 1:
+                # One bad item must not fail its neighbours: retry each alone.
+                log.warning("batch of %d failed (%s); retrying items one by one", len(batch), exc)
+                for e in batch:
+                    if not e.future.done():
+                        await self._execute([e])
+                return
+            for e in batch:
+                if not e.future.done():
+                    e.future.set_exception(exc)
+            return
+        self.batches_run += 1
+        self.items_run += len(batch)
+        self.recent_batch_sizes.append(len(batch))
+        self.real_tokens += sum(p.cost for p in prepared)
+        self.padded_tokens += max(p.cost for p in prepared) * len(prepared)
+        for e, vec in zip(batch, vectors):
+            if not e.future.done():
+                e.future.set_result(vec)
+
+    def stats(self) -> dict:
+        return {
+            "max_batch_tokens": self.max_batch_tokens,
+            "max_batch_items": self.max_batch_items,
+            "max_queue_items": self.max_queue_items,
+            "queue_depth": self.depth,
+            "batches_run": self.batches_run,
+            "items_run": self.items_run,
+            "items_dropped": self.items_dropped,
+            "mean_batch_size": round(self.items_run / self.batches_run, 2) if self.batches_run else 0.0,
+            "padding_efficiency": round(self.real_tokens / self.padded_tokens, 4) if self.padded_tokens else 1.0,
+        }

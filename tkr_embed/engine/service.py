@@ -1,0 +1,206 @@
+"""EmbeddingService: the one entry point routes call.
+
+embed(items) -> vectors, in order: cache lookup -> prepare misses in the CPU pool (tokenise,
+resize images) -> batcher -> MLX worker -> normalise -> cache fill. Routes never see MLX or a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..config import Settings
+from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
+from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
+from .batcher import Batcher
+from .cache import EmbeddingCache, item_key
+from .worker import MLXWorker
+
+log = logging.getLogger(__name__)
+
+
+class ModalityNotSupported(ValueError):
+    """An image was sent to a text-only model."""
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray  # float32 [n, dimension]
+    cached: list[bool]
+    token_counts: list[int]  # tokens per item (None-free; cached items report their first count)
+    truncated: list[bool]
+
+
+def l2_normalize(v: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(norms, 1e-12)
+
+
+class EmbeddingService:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.worker = MLXWorker(settings.model.device)
+        self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads, thread_name_prefix="tkr-cpu")
+        c = settings.cache
+        self.cache = EmbeddingCache(c.max_size, c.ttl_seconds, c.enabled)
+        self.loaded: LoadedModel | None = None
+        self.batcher: Batcher | None = None
+        self.started_at = time.time()
+        self._token_counts: dict[str, int] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        m = self.settings.model
+        loop = asyncio.get_running_loop()
+        # Resolving may download (network, disk): keep it off the event loop, and off the worker.
+        resolved: ResolvedModel = await loop.run_in_executor(
+            self.cpu_pool, lambda: resolve_model_dir(m.path, m.name, m.revision, m.download_dir)
+        )
+        self.worker.start()
+        self.loaded = await self.worker.submit(
+            load_embedder, resolved, m.quantization, m.max_tokens, m.min_pixels, m.max_pixels
+        )
+        emb = self.loaded.embedder
+        log.info("loaded %s (%s, %d-d, quantization %s) in %.2fs", resolved.model_id, self.loaded.family,
+                 emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
+        e = self.settings.engine
+        self.batcher = Batcher(self._run_batch, e.max_batch_tokens, e.max_batch_items,
+                               e.max_queue_items, e.retry_after_seconds)
+        self.batcher.start()
+        # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request.
+        warm = EmbedItem(text="warm-up")
+        prepared = await loop.run_in_executor(self.cpu_pool, emb.prepare, warm)
+        await self._run_batch([prepared])
+
+    async def stop(self) -> None:
+        if self.batcher:
+            await self.batcher.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run_batch(self, batch: Sequence[Prepared]):
+        return self.worker.submit(self.loaded.embedder.forward, list(batch))
+
+    # ---- properties the API reads -------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.loaded is not None and self.batcher is not None
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.resolved.model_id
+
+    @property
+    def dimension(self) -> int:
+        return self.loaded.embedder.dimension
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        return self.loaded.embedder.modalities
+
+    @property
+    def _model_key(self) -> str:
+        r = self.loaded.resolved
+        return f"{r.model_id}|{r.revision}|{self.loaded.quantization}"
+
+    # ---- the hot path ----------------------------------------------------------------------
+    def require_images(self) -> None:
+        if IMAGE not in self.modalities:
+            raise ModalityNotSupported(
+                f"model '{self.model_id}' embeds text only; to embed images, serve a multimodal model "
+                f"(config key model.path / EMBEDDING_MODEL_PATH, e.g. OpenSearch-AI/Ops-MM-embedding-v1-7B)"
+            )
+
+    def _check_modalities(self, items: Sequence[EmbedItem]) -> None:
+        if any(i.images for i in items):
+            self.require_images()
+        for i in items:
+            if i.text is None and not i.images:
+                raise UnsupportedInput("an item needs text, an image, or both")
+
+    def _prepare_all(self, items: Sequence[EmbedItem]) -> list[Prepared]:
+        emb = self.loaded.embedder
+        return [emb.prepare(i) for i in items]
+
+    async def embed(self, items: Sequence[EmbedItem], normalize: bool = True) -> EmbedResult:
+        self._check_modalities(items)
+        keys = [item_key(self._model_key, it, normalize) for it in items]
+        n = len(items)
+        out: list[np.ndarray | None] = [None] * n
+        cached = [False] * n
+        tokens = [0] * n
+        truncated = [False] * n
+        # Identical items within one request are computed once.
+        todo: dict[str, list[int]] = {}
+        for idx, key in enumerate(keys):
+            vec = self.cache.get(key)
+            if vec is not None:
+                out[idx] = vec
+                cached[idx] = True
+                tokens[idx] = self._token_counts.get(key, 0)
+            else:
+                todo.setdefault(key, []).append(idx)
+        if todo:
+            first = [idxs[0] for idxs in todo.values()]
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self.cpu_pool, self._prepare_all, [items[i] for i in first])
+            futures = self.batcher.submit(prepared)
+            try:
+                raw = await asyncio.gather(*futures)
+            except BaseException:
+                for f in futures:  # the client went away (or a batch failed): drop what is still queued
+                    f.cancel()
+                raise
+            for (key, idxs), p, vec in zip(todo.items(), prepared, raw):
+                vec = np.asarray(vec, dtype=np.float32)
+                if normalize:
+                    vec = l2_normalize(vec)
+                self.cache.put(key, vec)
+                if self.cache.enabled:
+                    self._token_counts[key] = p.num_tokens
+                    if len(self._token_counts) > 4 * self.cache.max_size:
+                        self._token_counts.clear()
+                for idx in idxs:
+                    out[idx] = vec
+                    tokens[idx] = p.num_tokens
+                    truncated[idx] = p.truncated
+        return EmbedResult(np.stack(out).astype(np.float32, copy=False), cached, tokens, truncated)
+
+    # ---- introspection ---------------------------------------------------------------------
+    def info(self) -> dict:
+        lm = self.loaded
+        emb = lm.embedder
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {
+            "model": {
+                "id": lm.resolved.model_id,
+                "family": lm.family,
+                "dimension": emb.dimension,
+                "modalities": sorted(emb.modalities),
+                "max_tokens": emb.max_tokens,
+                "quantization": lm.quantization,
+                "revision": lm.resolved.revision,
+                "load_seconds": round(lm.load_seconds, 3),
+                **emb.describe(),
+            },
+            "memory": {
+                "mlx": dict(self.worker.memory),
+                "process_peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,
+            },
+            "cache": self.cache.stats(),
+            "batcher": self.batcher.stats(),
+            "worker": {
+                "busy_seconds": round(self.worker.busy_seconds, 3),
+                "jobs_run": self.worker.jobs_run,
+                "device": self.settings.model.device,
+            },
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+        }

@@ -1,0 +1,94 @@
+"""The one thread that touches MLX.
+
+MLX is not thread-safe (and since 0.31.2 a stream made on one thread is invisible to others), so
+loading, every forward pass and every mx.eval run here, one job at a time. The event loop only
+awaits the futures this thread resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class WorkerStopped(RuntimeError):
+    pass
+
+
+class MLXWorker:
+    def __init__(self, device: str = "auto"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
+        self._device = device
+        self._stopped = False
+        self.busy_seconds = 0.0
+        self.jobs_run = 0
+        self.memory: dict[str, int] = {}  # refreshed after each job; read by /info without MLX calls
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def thread_id(self) -> int | None:
+        return self._thread.ident
+
+    def _run(self) -> None:
+        import mlx.core as mx
+
+        if self._device == "cpu":
+            mx.set_default_device(mx.cpu)
+        elif self._device == "gpu":
+            mx.set_default_device(mx.gpu)
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            fn, args, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            start = time.perf_counter()
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - delivered to the awaiting coroutine
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+            finally:
+                self.busy_seconds += time.perf_counter() - start
+                self.jobs_run += 1
+                self._record_memory(mx)
+
+    def _record_memory(self, mx) -> None:
+        try:
+            self.memory = {
+                "active_bytes": int(mx.get_active_memory()),
+                "peak_bytes": int(mx.get_peak_memory()),
+                "cache_bytes": int(mx.get_cache_memory()),
+            }
+        except Exception:  # noqa: BLE001 - memory stats are informational
+            pass
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+        """Run fn(*args) on the worker; await the returned future from the event loop."""
+        if self._stopped:
+            raise WorkerStopped("the MLX worker has stopped")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, args, fut))
+        return asyncio.wrap_future(fut)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._jobs.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -1,0 +1,82 @@
+"""The types every model family shares: what goes in (EmbedItem), what the CPU side prepares
+(Prepared), and the Embedder protocol the engine drives.
+
+`prepare` is pure CPU (tokenising, image resize) and runs in a thread pool; `forward` runs MLX and
+is only ever called on the engine's worker thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+TEXT = "text"
+IMAGE = "image"
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image that passed validation: RGB, EXIF-transposed, and a digest of its pixels."""
+
+    image: Image.Image
+    digest: str  # sha256 over mode, size and decoded pixel bytes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+@dataclass(frozen=True)
+class EmbedItem:
+    """One input that becomes one vector: text, images, or both (fused)."""
+
+    text: str | None = None
+    images: tuple[DecodedImage, ...] = ()
+    instruction: str | None = None
+
+    @property
+    def modalities(self) -> set[str]:
+        m = set()
+        if self.text is not None:
+            m.add(TEXT)
+        if self.images:
+            m.add(IMAGE)
+        return m
+
+
+@dataclass
+class Prepared:
+    """Model-ready arrays for one item (numpy only; MLX arrays are made on the worker)."""
+
+    input_ids: np.ndarray  # int32 [seq]
+    num_tokens: int  # tokens the model attends to, image tokens included (no padding)
+    extras: dict[str, Any] = field(default_factory=dict)  # family-specific arrays
+    truncated: bool = False
+
+    @property
+    def cost(self) -> int:
+        """Sequence length the batch must pad to for this item."""
+        return int(self.input_ids.shape[0])
+
+
+class UnsupportedInput(ValueError):
+    """The model cannot embed this kind of input (e.g. an image on a text-only model)."""
+
+
+class Embedder(Protocol):
+    model_id: str
+    family: str
+    dimension: int
+    modalities: frozenset[str]
+    max_tokens: int
+
+    def prepare(self, item: EmbedItem) -> Prepared: ...
+
+    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
+        """Raw pooled vectors, float32 [len(batch), dimension]. Worker thread only."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...

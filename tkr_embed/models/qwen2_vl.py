@@ -1,0 +1,221 @@
+"""Qwen2-VL multimodal embedders: Ops-MM-embedding-v1, GME-Qwen2-VL (2B/7B).
+
+Built on mlx-vlm's qwen2_vl vision tower and Qwen2Model (final RMSNorm applied), not its
+generation path. Every item is rendered with the embedders' chat template, images become
+<|image_pad|> runs of their token count, and the vector is the final-normed hidden state of the
+last token (the template ends in <|endoftext|>). Text, images and text+image share one space.
+
+Batches are right-padded: with a causal mask the real tokens never see the padding, so no
+padding mask is needed and each item's vector is the same alone or batched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .base import IMAGE, TEXT, EmbedItem, Prepared, UnsupportedInput
+from .qwen2_vl_image import Qwen2VLImageConfig, num_image_tokens, preprocess_image
+
+DEFAULT_INSTRUCTION = "You are a helpful assistant."
+DEFAULT_MAX_TOKENS = 8192
+
+# Family defaults for the image budget (in pixels), from the models' own inference code.
+OPS_MM_MIN_PIXELS = 256 * 28 * 28
+GME_MIN_PIXELS = 4 * 28 * 28
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
+
+
+class InputTooLong(ValueError):
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"input needs {tokens} tokens (images included) but the model accepts at most {limit}")
+        self.tokens = tokens
+        self.limit = limit
+
+
+def family_min_pixels(model_id: str) -> int | None:
+    name = model_id.lower()
+    if "gme" in name:
+        return GME_MIN_PIXELS
+    if "ops-mm" in name or "opensearch" in name:
+        return OPS_MM_MIN_PIXELS
+    return None
+
+
+class Qwen2VLEmbedder:
+    family = "qwen2_vl"
+    modalities = frozenset({TEXT, IMAGE})
+
+    def __init__(
+        self,
+        model_dir: Path,
+        model_id: str,
+        config: dict,
+        model: Any,
+        quantization: str,
+        max_tokens: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        self.model_dir = model_dir
+        self.model_id = model_id
+        self.model = model
+        self.quantization = quantization
+        text_cfg = config.get("text_config") or config
+        self.dimension = int(text_cfg.get("hidden_size") or config["hidden_size"])
+        limit = int(text_cfg.get("max_position_embeddings") or config.get("max_position_embeddings") or 32768)
+        self.max_tokens = min(max_tokens or DEFAULT_MAX_TOKENS, limit)
+
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.image_token_id = int(config.get("image_token_id", 151655))
+        self.vision_start_id = int(config.get("vision_start_token_id", 151652))
+        self.vision_end_id = int(config.get("vision_end_token_id", 151653))
+        self.pad_id = self.tokenizer.token_to_id("<|endoftext|>") or 151643
+
+        pre_path = model_dir / "preprocessor_config.json"
+        pre_cfg = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+        vision = config.get("vision_config") or {}
+        pre_cfg.setdefault("patch_size", vision.get("patch_size", 14))
+        pre_cfg.setdefault("merge_size", vision.get("spatial_merge_size", 2))
+        pre_cfg.setdefault("temporal_patch_size", vision.get("temporal_patch_size", 2))
+        self.image_config = Qwen2VLImageConfig.from_preprocessor_config(
+            pre_cfg,
+            min_pixels=min_pixels or family_min_pixels(model_id),
+            max_pixels=max_pixels or (None if pre_cfg.get("max_pixels") else DEFAULT_MAX_PIXELS),
+        )
+
+    @classmethod
+    def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str, **kw) -> "Qwen2VLEmbedder":
+        """Worker thread only: builds MLX arrays."""
+        from mlx_vlm.utils import load_model
+
+        from .quantize import apply_quantization
+
+        model = load_model(model_dir)
+        # The vision tower stays in full precision: it is small and sensitive to quantisation.
+        apply_quantization(model.language_model, quantization)
+        return cls(model_dir, model_id, config, model, quantization, **kw)
+
+    # ---- CPU side -------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def prepare(self, item: EmbedItem) -> Prepared:
+        if item.text is None and not item.images:
+            raise UnsupportedInput("empty item")
+        instruction = item.instruction or DEFAULT_INSTRUCTION
+        prefix = self._encode(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n")
+        suffix = self._encode("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
+        text_ids = self._encode(item.text) if item.text else []
+
+        pixel_values, grids, image_runs = [], [], []
+        for img in item.images:
+            flat, grid = preprocess_image(img.image, self.image_config)
+            pixel_values.append(flat)
+            grids.append(grid)
+            image_runs.append(
+                [self.vision_start_id]
+                + [self.image_token_id] * num_image_tokens(grid, self.image_config.merge_size)
+                + [self.vision_end_id]
+            )
+        fixed = len(prefix) + len(suffix) + sum(len(r) for r in image_runs)
+        truncated = False
+        if fixed + len(text_ids) > self.max_tokens:
+            room = self.max_tokens - fixed
+            if room < 0 or (room == 0 and text_ids and not item.images):
+                raise InputTooLong(fixed + len(text_ids), self.max_tokens)
+            text_ids = text_ids[:room]
+            truncated = True
+        ids = list(prefix)
+        for run in image_runs:
+            ids.extend(run)
+        ids.extend(text_ids)
+        ids.extend(suffix)
+        input_ids = np.asarray(ids, dtype=np.int32)
+        extras: dict[str, Any] = {"positions": self._mrope_positions(input_ids, grids)}
+        if pixel_values:
+            extras["pixel_values"] = np.concatenate(pixel_values, axis=0)
+            extras["grid_thw"] = np.asarray(grids, dtype=np.int32)
+        return Prepared(input_ids=input_ids, num_tokens=len(ids), extras=extras, truncated=truncated)
+
+    def _mrope_positions(self, ids: np.ndarray, grids: list[tuple[int, int, int]]) -> np.ndarray:
+        """M-RoPE position ids [3, seq] for one unpadded item, as mlx-vlm's get_rope_index.
+
+        Text tokens advance all three axes together; an image's tokens take (t, h, w) grid
+        coordinates offset by the position where the image starts; text after an image resumes
+        one past the largest position used so far.
+        """
+        m = self.image_config.merge_size
+        chunks: list[np.ndarray] = []
+        next_pos = 0
+        start = 0
+        image_positions = np.flatnonzero(ids == self.image_token_id)
+        cursor = 0
+        for t, h, w in grids:
+            first = int(image_positions[cursor])
+            text_len = first - start
+            chunks.append(np.broadcast_to(np.arange(text_len) + next_pos, (3, text_len)))
+            next_pos += text_len
+            gh, gw = h // m, w // m
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            grid_pos = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + next_pos
+            chunks.append(grid_pos)
+            next_pos = int(grid_pos.max()) + 1
+            n = t * gh * gw
+            start = first + n
+            cursor += n
+        tail = len(ids) - start
+        chunks.append(np.broadcast_to(np.arange(tail) + next_pos, (3, tail)))
+        return np.concatenate(chunks, axis=1).astype(np.int32)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
+    # ---- worker side ----------------------------------------------------------------------
+    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
+        import mlx.core as mx
+
+        b = len(batch)
+        length = max(p.cost for p in batch)
+        ids = np.full((b, length), self.pad_id, dtype=np.int32)
+        positions = np.ones((3, b, length), dtype=np.int32)
+        for i, p in enumerate(batch):
+            ids[i, : p.cost] = p.input_ids
+            positions[:, i, : p.cost] = p.extras["positions"]
+
+        lm = self.model.language_model.model
+        ids_mx = mx.array(ids)
+        embeds = lm.embed_tokens(ids_mx)
+        with_images = [p for p in batch if "pixel_values" in p.extras]
+        if with_images:
+            tower = self.model.vision_tower
+            dtype = tower.patch_embed.proj.weight.dtype
+            pixels = mx.array(np.concatenate([p.extras["pixel_values"] for p in with_images])).astype(dtype)
+            grid = mx.array(np.concatenate([p.extras["grid_thw"] for p in with_images]))
+            features = tower(pixels, grid, output_hidden_states=False)
+            # Image features fill the <|image_pad|> slots in row-major order: item by item,
+            # image by image, the same order the features were concatenated in.
+            flat = embeds.reshape(b * length, -1)
+            slots = np.flatnonzero(ids.reshape(-1) == self.image_token_id)
+            flat[mx.array(slots)] = features.astype(flat.dtype)
+            embeds = flat.reshape(b, length, -1)
+        hidden = lm(ids_mx, inputs_embeds=embeds, position_ids=mx.array(positions))
+        last = mx.array(np.asarray([p.cost - 1 for p in batch], dtype=np.int32))
+        pooled = hidden[mx.arange(b), last].astype(mx.float32)
+        mx.eval(pooled)
+        return np.array(pooled, copy=True)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.image_config
+        return {
+            "pooling": "last_token",
+            "image_min_pixels": c.min_pixels,
+            "image_max_pixels": c.max_pixels,
+            "default_instruction": DEFAULT_INSTRUCTION,
+        }

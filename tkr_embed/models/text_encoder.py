@@ -1,0 +1,90 @@
+"""sentence-transformers text encoders of the BERT family (all-MiniLM-L6-v2, bge-*, ...).
+
+The network is mlx-vlm's BERT; pooling and the max sequence length come from the checkpoint's
+sentence-transformers files (1_Pooling/config.json, sentence_bert_config.json, modules.json), so
+the vectors are the ones sentence-transformers would produce.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .base import TEXT, EmbedItem, Prepared, UnsupportedInput
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class TextEncoderEmbedder:
+    family = "text_encoder"
+    modalities = frozenset({TEXT})
+
+    def __init__(self, model_dir: Path, model_id: str, config: dict, model: Any, quantization: str):
+        self.model_dir = model_dir
+        self.model_id = model_id
+        self.model = model
+        self.quantization = quantization
+        self.dimension = int(config["hidden_size"])
+        st_cfg = _read_json(model_dir / "sentence_bert_config.json") or {}
+        self.max_tokens = int(st_cfg.get("max_seq_length") or config.get("max_position_embeddings", 512))
+        self.max_tokens = min(self.max_tokens, int(config.get("max_position_embeddings", 512)))
+        self.pooling_config = _read_json(model_dir / "1_Pooling" / "config.json") or {"pooling_mode": "mean"}
+        modules = _read_json(model_dir / "modules.json") or []
+        self.checkpoint_normalizes = any("Normalize" in m.get("type", "") for m in modules)
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_tokens)
+        self.pad_id = int(config.get("pad_token_id", 0) or 0)
+
+    @classmethod
+    def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str) -> "TextEncoderEmbedder":
+        """Worker thread only: builds MLX arrays."""
+        from mlx_vlm.utils import load_model
+
+        from .quantize import apply_quantization
+
+        model = load_model(model_dir)
+        apply_quantization(model, quantization)
+        return cls(model_dir, model_id, config, model, quantization)
+
+    def prepare(self, item: EmbedItem) -> Prepared:
+        if item.images:
+            raise UnsupportedInput("images")
+        if item.text is None:
+            raise UnsupportedInput("empty item")
+        text = item.text if not item.instruction else f"{item.instruction}{item.text}"
+        enc = self.tokenizer.encode(text)
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        truncated = bool(enc.overflowing)
+        return Prepared(input_ids=ids, num_tokens=len(ids), truncated=truncated)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text).ids)
+
+    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
+        import mlx.core as mx
+        from mlx_vlm.models.pooling import pool_by_config
+
+        length = max(p.cost for p in batch)
+        ids = np.full((len(batch), length), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(batch), length), dtype=np.int32)
+        for i, p in enumerate(batch):
+            ids[i, : p.cost] = p.input_ids
+            mask[i, : p.cost] = 1
+        mask_mx = mx.array(mask)
+        hidden, _ = self.model._encode(mx.array(ids), mask_mx)
+        pooled = pool_by_config(hidden, mask_mx, self.pooling_config).astype(mx.float32)
+        mx.eval(pooled)
+        return np.array(pooled, copy=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "pooling": self.pooling_config,
+            "checkpoint_normalizes": self.checkpoint_normalizes,
+        }
