@@ -181,6 +181,10 @@ def load_settings(
         if value is not None:
             _set_path(data, dotted, value)
             sources[dotted] = "command line"
+    # A model name in the file belongs to the file's model: when the path comes from elsewhere
+    # (environment, command line) and the name does not, the name is derived from the new path.
+    if "model.path" in sources and "model.name" not in sources and isinstance(data.get("model"), dict):
+        data["model"].pop("name", None)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as e:

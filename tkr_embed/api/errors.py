@@ -74,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _loc_to_param(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
-            msg = "request body is not valid JSON"
+            param, msg = "body", "request body is not valid JSON"
         elif first.get("type") == "missing":
             msg = f"'{param}' is required"
         else:

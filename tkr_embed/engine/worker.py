@@ -85,6 +85,14 @@ class MLXWorker:
         self._jobs.put((fn, args, fut))
         return asyncio.wrap_future(fut)
 
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """Blocking variant of submit, for code without an event loop (CLI, tests)."""
+        if self._stopped:
+            raise WorkerStopped("the MLX worker has stopped")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, args, fut))
+        return fut.result(timeout)
+
     def stop(self, timeout: float = 10.0) -> None:
         if self._stopped:
             return

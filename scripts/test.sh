@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set everything up, then run the test suite (all of it, slow tests included, as CI does).
+# Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" for the quick suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --dev
+# Preload OpenBLAS for MLX in this process and the servers the tests start.
+eval "$(.venv/bin/python - <<'PY'
+import shlex
+from tkr_embed.blas import preload_env
+env = preload_env()
+if env:
+    print("export LD_PRELOAD=" + shlex.quote(env["LD_PRELOAD"]))
+PY
+)"
+exec .venv/bin/python -m pytest "$@"
