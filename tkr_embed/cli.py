@@ -33,11 +33,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import blas
 
     log.info("tkr-embed %s, %s environment, BLAS: %s", __version__, settings.environment, blas.describe())
+    from .models.registry import ModelLoadError, detect_family, read_config, resolve_model_dir
+
+    m = settings.model
+    try:  # fail fast, with one line, on a missing, unreachable or unsupported model
+        resolved = resolve_model_dir(m.path, m.name, m.revision, m.download_dir)
+        detect_family(read_config(resolved.path))
+    except ModelLoadError as e:
+        log.error("cannot load the model: %s", e)
+        return 3
     import uvicorn
 
     from .api.app import create_app
+    from .engine.service import EmbeddingService
 
-    app = create_app(settings)
+    app = create_app(settings, EmbeddingService(settings, resolved))
     config = uvicorn.Config(
         app, host=settings.server.host, port=settings.server.port, log_level=settings.logging.level.lower(),
         proxy_headers=True, forwarded_allow_ips=settings.server.forwarded_allow_ips, access_log=settings.debug,

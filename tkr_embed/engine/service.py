@@ -45,8 +45,11 @@ def l2_normalize(v: np.ndarray) -> np.ndarray:
 
 
 class EmbeddingService:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, resolved: ResolvedModel | None = None):
+        """resolved: the model directory when the caller already found it (the CLI does, to
+        report a missing or unsupported model before the server starts)."""
         self.settings = settings
+        self._resolved = resolved
         self.worker = MLXWorker(settings.model.device)
         self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads, thread_name_prefix="tkr-cpu")
         c = settings.cache
@@ -61,7 +64,7 @@ class EmbeddingService:
         m = self.settings.model
         loop = asyncio.get_running_loop()
         # Resolving may download (network, disk): keep it off the event loop, and off the worker.
-        resolved: ResolvedModel = await loop.run_in_executor(
+        resolved = self._resolved or await loop.run_in_executor(
             self.cpu_pool, lambda: resolve_model_dir(m.path, m.name, m.revision, m.download_dir)
         )
         self.worker.start()

@@ -1,0 +1,152 @@
+"""Native API against the default text model (all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.api.conftest import running_app
+from tests.conftest import MINILM_SPEC
+from tests.helpers import make_settings, png_bytes
+
+
+@pytest.fixture(scope="module")
+async def api():
+    settings = make_settings(MINILM_SPEC, **{"limits.max_items_per_request": 8, "limits.max_text_chars": 2000,
+                                            "limits.max_body_bytes": 50_000})
+    async with running_app(settings) as pair:
+        yield pair
+
+
+async def test_embed_text_shape(api):
+    client, _ = api
+    r = await client.post("/embed/text", json={"texts": ["Hello world", "Another text"], "normalize": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dimension"] == 384 and body["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert len(body["embeddings"]) == 2 and len(body["embeddings"][0]) == 384
+    assert body["cached"] == [False, False] and body["processing_time_ms"] >= 0
+    assert abs(np.linalg.norm(body["embeddings"][0]) - 1) < 1e-5
+    again = (await client.post("/embed/text", json={"texts": ["Hello world"]})).json()
+    assert again["cached"] == [True]
+    assert np.allclose(again["embeddings"][0], body["embeddings"][0])
+
+
+async def test_similarity_ranks_by_meaning(api):
+    client, _ = api
+    r = await client.post("/similarity", json={
+        "query": "optimize API response time",
+        "candidates": ["a recipe for banana bread", "reduce endpoint latency", "the weather in Paris"],
+    })
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert results[0]["index"] == 1
+    scores = [x["score"] for x in results]
+    assert scores == sorted(scores, reverse=True) and len(results) == 3
+    top = (await client.post("/similarity", json={"query": "latency", "candidates": ["a", "b", "c"], "top_k": 2})).json()
+    assert len(top["results"]) == 2
+
+
+async def test_health_info_docs(api):
+    client, _ = api
+    assert (await client.get("/health")).json() == {"status": "healthy", "model_loaded": True}
+    info = (await client.get("/info")).json()
+    assert info["model"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert info["model"]["modalities"] == ["text"] and info["model"]["dimension"] == 384
+    for key in ("memory", "cache", "batcher", "worker"):
+        assert key in info
+    assert (await client.get("/docs")).status_code == 200
+    assert "/embed/text" in (await client.get("/openapi.json")).json()["paths"]
+
+
+@pytest.mark.parametrize("payload,status,param", [
+    ({"texts": []}, 400, "texts"),
+    ({"texts": [""]}, 400, "texts[0]"),
+    ({"texts": ["ok", "   "]}, 400, "texts[1]"),
+    ({"texts": "not a list"}, 400, "texts"),
+    ({"texts": [1, 2]}, 400, "texts[0]"),
+    ({}, 400, "texts"),
+    ({"texts": ["x"], "unknown": 1}, 400, "unknown"),
+    ({"texts": ["x"] * 9}, 400, "texts"),
+    ({"texts": ["x" * 2001]}, 413, "texts[0]"),
+])
+async def test_bad_text_requests(api, payload, status, param):
+    client, _ = api
+    r = await client.post("/embed/text", json=payload)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["request_id"] == r.headers["x-request-id"]
+
+
+async def test_wrong_content_types_and_bodies(api):
+    client, _ = api
+    r = await client.post("/embed/text", content=b"{broken", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = await client.post("/embed/text", data={"texts": "x"})
+    assert r.status_code == 415
+    r = await client.post("/embed/text", content=b"texts", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = await client.post("/similarity", json={"query": "q", "candidates": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "candidates"
+    r = await client.post("/similarity", json={"query": {"text": None}, "candidates": ["x"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "query"
+    assert (await client.get("/embed/text")).status_code == 405
+    assert (await client.get("/nowhere")).json()["error"]["type"] == "not_found"
+
+
+async def test_images_against_a_text_model_get_400_naming_model_and_key(api):
+    client, _ = api
+    r = await client.post("/embed/image", files={"file": ("a.png", png_bytes(10, 10), "image/png")})
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert "all-MiniLM-L6-v2" in msg and "model.path" in msg
+    r = await client.post("/embed/multimodal", data={"text": "t"}, files={"image": ("a.png", png_bytes(10, 10), "image/png")})
+    assert r.status_code == 400
+    r = await client.post("/similarity", json={"query": "q", "candidates": [{"image": "aGVsbG8="}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "unsupported_modality"
+
+
+async def test_body_limit_is_413_with_and_without_content_length(api):
+    client, _ = api
+    big = {"texts": ["w" * 1999] * 30}  # ~60 KB > the 50,000-byte test limit
+    r = await client.post("/embed/text", json=big)
+    assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"]
+
+    async def chunks():
+        for _ in range(60):
+            yield b"x" * 1000
+
+    r = await client.post("/embed/text", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+async def test_request_ids(api):
+    client, _ = api
+    r = await client.get("/health", headers={"X-Request-ID": "trace-123.abc"})
+    assert r.headers["x-request-id"] == "trace-123.abc"
+    for bad in ("bad id with spaces".encode(), "caf\u00e9".encode("latin-1"), b"x" * 500, b"<script>"):
+        r = await client.get("/health", headers={"X-Request-ID": bad})
+        assert r.headers["x-request-id"].encode() != bad and len(r.headers["x-request-id"]) == 32
+
+
+async def test_server_keeps_serving_after_bad_input_under_concurrency(api):
+    client, _ = api
+    bad = [client.post("/embed/text", json={"texts": [""]}) for _ in range(10)]
+    good = [client.post("/embed/text", json={"texts": [f"good {i}"]}) for i in range(10)]
+    results = await asyncio.gather(*bad, *good)
+    assert [r.status_code for r in results] == [400] * 10 + [200] * 10
+
+
+async def test_queue_full_is_503_with_retry_after(api):
+    client, service = api
+    limit = service.batcher.max_queue_items
+    service.batcher.max_queue_items = 1
+    try:
+        r = await client.post("/embed/text", json={"texts": ["q1 unique", "q2 unique"]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "overloaded"
+    finally:
+        service.batcher.max_queue_items = limit
+    assert (await client.post("/embed/text", json={"texts": ["after overload"]})).status_code == 200

@@ -1,0 +1,107 @@
+"""End-to-end: real server processes on loopback, real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import httpx
+import pytest
+
+from tests.e2e.server import ROOT, running_server, tkr_embed_cmd
+from tests.helpers import cosine, png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_serves_and_batches_concurrent_clients():
+    with running_server() as (base, _):
+        info0 = httpx.get(base + "/info").json()
+        assert info0["model"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+        async def many(n):
+            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                return await asyncio.gather(*(
+                    c.post("/embed/text", json={"texts": [f"client {i} asks about latency and caching"]})
+                    for i in range(n)))
+
+        responses = asyncio.run(many(32))
+        assert all(r.status_code == 200 for r in responses)
+        info1 = httpx.get(base + "/info").json()
+        items = info1["batcher"]["items_run"] - info0["batcher"]["items_run"]
+        batches = info1["batcher"]["batches_run"] - info0["batcher"]["batches_run"]
+        assert items == 32 and batches < 32, (items, batches)
+
+        sim = httpx.post(base + "/similarity", json={
+            "query": "optimize API response time",
+            "candidates": ["reduce endpoint latency", "a recipe for banana bread"]}).json()
+        assert sim["results"][0]["index"] == 0
+
+
+def test_tiny_multimodal_model_serves_every_endpoint(tiny_dir):
+    with running_server("--model", str(tiny_dir)) as (base, _):
+        c = httpx.Client(base_url=base, timeout=60)
+        img = png_bytes(120, 90, 4)
+        t = c.post("/embed/text", json={"texts": ["hello"]})
+        i = c.post("/embed/image", files={"file": ("a.png", img, "image/png")})
+        m = c.post("/embed/multimodal", data={"text": "hello"}, files={"image": ("a.png", img, "image/png")})
+        assert (t.status_code, i.status_code, m.status_code) == (200, 200, 200)
+        assert t.json()["model"] == "tiny-qwen2-vl" and t.json()["dimension"] == 64
+        fused = m.json()["embeddings"][0]
+        assert cosine(fused, t.json()["embeddings"][0]) < 0.999
+        assert cosine(fused, i.json()["embeddings"][0]) < 0.999
+        bad = c.post("/embed/image", files={"file": ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")})
+        assert 400 <= bad.status_code < 500
+        assert c.get("/health").json()["model_loaded"] is True
+
+
+def test_unloadable_model_exits_non_zero_with_a_clear_message(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    for model in (str(tmp_path / "missing"), str(tmp_path)):
+        r = subprocess.run(tkr_embed_cmd("serve", "--model", model, "--port", "0"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 3
+        assert "cannot load the model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_start_production_exits_non_zero_when_the_model_cannot_load(tmp_path):
+    env = {**os.environ, "EMBEDDING_MODEL_PATH": str(tmp_path / "nothing-here"), "EMBEDDING_PORT": "0"}
+    r = subprocess.run([str(ROOT / "start_production.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "nothing-here" in r.stderr
+
+
+def test_invalid_setting_fails_at_start_naming_the_key():
+    env = {**os.environ, "EMBEDDING_CACHE_SIZE": "lots"}
+    r = subprocess.run(tkr_embed_cmd("serve", "--config", "config.dev.yaml"), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cache.max_size" in r.stderr and "EMBEDDING_CACHE_SIZE" in r.stderr
+
+
+def test_make_tiny_cli_writes_a_loadable_model(tmp_path):
+    r = subprocess.run(tkr_embed_cmd("models", "make-tiny", str(tmp_path / "t")), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "preprocessor_config.json"):
+        assert (tmp_path / "t" / f).is_file()
+    info = subprocess.run(tkr_embed_cmd("models", "info", str(tmp_path / "t")), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0 and '"family": "qwen2_vl"' in info.stdout
+
+
+def test_launcher_preloads_openblas_on_linux():
+    """`serve` re-executes itself with OpenBLAS preloaded when MLX would use the reference BLAS."""
+    from tkr_embed.blas import find_fast_blas
+
+    if find_fast_blas() is None:
+        pytest.skip("no OpenBLAS on this machine")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    # a missing model makes serve exit right after logging its BLAS choice
+    r = subprocess.run(tkr_embed_cmd("serve", "--config", "config.dev.yaml", "--model", "/nonexistent"),
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert "OpenBLAS preloaded" in r.stderr
+    r = subprocess.run(tkr_embed_cmd("serve", "--config", "config.dev.yaml", "--model", "/nonexistent"),
+                       cwd=ROOT, env=env | {"TKR_EMBED_BLAS": "off"}, capture_output=True, text=True, timeout=60)
+    assert "reference BLAS" in r.stderr

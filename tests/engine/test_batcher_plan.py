@@ -1,0 +1,36 @@
+"""plan_batch: the packing rule, on plain numbers."""
+
+from tkr_embed.engine.batcher import plan_batch
+
+
+def padded(costs, chosen):
+    return max(costs[i] for i in chosen) * len(chosen)
+
+
+def test_oldest_is_always_included_and_budget_respected():
+    costs = [50, 10, 12, 11, 200, 13, 49]
+    seqs = list(range(len(costs)))
+    chosen = plan_batch(costs, seqs, max_tokens=120, max_items=64)
+    assert 0 in chosen  # the oldest (seq 0) is served first
+    assert padded(costs, chosen) <= 120
+
+
+def test_prefers_similar_lengths():
+    costs = [10, 11, 300, 12, 9, 290]
+    chosen = plan_batch(costs, list(range(6)), max_tokens=10_000, max_items=4)
+    assert sorted(costs[i] for i in chosen) == [9, 10, 11, 12]
+
+
+def test_item_cap():
+    chosen = plan_batch([5] * 100, list(range(100)), max_tokens=10**9, max_items=8)
+    assert len(chosen) == 8 and 0 in chosen
+
+
+def test_an_item_over_the_budget_still_runs_alone():
+    chosen = plan_batch([5000, 10], [0, 1], max_tokens=100, max_items=8)
+    assert chosen == [0]
+
+
+def test_everything_fits_when_budget_allows():
+    costs = [7, 3, 9, 1]
+    assert sorted(plan_batch(costs, [3, 1, 0, 2], 1000, 10)) == [0, 1, 2, 3]

@@ -1,0 +1,124 @@
+"""EmbeddingService on real MLX (MiniLM): cross-request batching, cache, queue bound, dropped clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from tkr_embed.engine.batcher import QueueFull
+from tkr_embed.engine.service import EmbeddingService, ModalityNotSupported
+from tkr_embed.models.base import EmbedItem
+from tests.conftest import MINILM_SPEC
+from tests.helpers import cosine, make_settings
+
+
+@pytest.fixture(scope="module")
+async def service():
+    s = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.max_batch_items": 64}))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def test_concurrent_requests_share_forward_passes(service):
+    texts = [f"concurrent request number {i} about topic {i % 7}" for i in range(32)]
+    before_batches, before_items = service.batcher.batches_run, service.batcher.items_run
+    results = await asyncio.gather(*(service.embed([EmbedItem(text=t)]) for t in texts))
+    batches = service.batcher.batches_run - before_batches
+    assert service.batcher.items_run - before_items == 32
+    assert 1 <= batches < 32, f"{batches} forward passes for 32 concurrent requests"
+    # and batching changed nothing: each equals its own single-item pass
+    alone = await service.embed([EmbedItem(text=texts[5])], normalize=True)
+    assert cosine(alone.vectors[0], results[5].vectors[0]) >= 0.9999
+
+
+async def test_cache_hits_skip_the_worker(service):
+    item = EmbedItem(text="cache me if you can")
+    first = await service.embed([item])
+    jobs = service.worker.jobs_run
+    hits = service.cache.hits
+    second = await service.embed([item])
+    assert first.cached == [False] and second.cached == [True]
+    assert service.worker.jobs_run == jobs  # never reached the worker
+    assert service.cache.hits == hits + 1
+    np.testing.assert_array_equal(first.vectors, second.vectors)
+    assert second.token_counts == first.token_counts
+
+
+async def test_cache_key_separates_instruction_and_normalisation(service):
+    t = "separate keys"
+    a = await service.embed([EmbedItem(text=t)], normalize=True)
+    b = await service.embed([EmbedItem(text=t)], normalize=False)
+    c = await service.embed([EmbedItem(text=t, instruction="Represent this query: ")])
+    assert b.cached == [False] and c.cached == [False]
+    assert abs(np.linalg.norm(a.vectors[0]) - 1) < 1e-5
+    assert abs(np.linalg.norm(b.vectors[0]) - 1) > 1e-3  # mean pooling is not unit length
+    assert cosine(a.vectors[0], b.vectors[0]) > 0.9999
+    assert cosine(a.vectors[0], c.vectors[0]) < 0.999
+
+
+async def test_duplicates_in_one_request_are_computed_once(service):
+    items_before = service.batcher.items_run
+    r = await service.embed([EmbedItem(text="dup x"), EmbedItem(text="dup x"), EmbedItem(text="dup y")])
+    assert service.batcher.items_run - items_before == 2
+    np.testing.assert_array_equal(r.vectors[0], r.vectors[1])
+
+
+async def test_full_queue_rejects_whole_request(service):
+    limit = service.batcher.max_queue_items
+    service.batcher.max_queue_items = 2
+    try:
+        with pytest.raises(QueueFull) as e:
+            await service.embed([EmbedItem(text=f"overflow {i}") for i in range(3)])
+        assert e.value.retry_after >= 1
+        assert service.batcher.depth == 0  # nothing half-queued
+    finally:
+        service.batcher.max_queue_items = limit
+
+
+async def test_items_of_a_departed_client_are_dropped_before_the_forward_pass(service):
+    busy = service.worker.submit(time.sleep, 0.5)  # hold the worker
+    first = asyncio.ensure_future(service.embed([EmbedItem(text="kept while busy")]))
+    await asyncio.sleep(0.05)  # the batcher takes it and waits on the worker
+    items_run, dropped = service.batcher.items_run, service.batcher.items_dropped
+    gone = asyncio.ensure_future(service.embed([EmbedItem(text="client that leaves")]))
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if service.batcher.depth:
+            break
+    assert service.batcher.depth == 1
+    gone.cancel()
+    await busy
+    await first
+    await asyncio.sleep(0.05)
+    assert service.batcher.items_dropped == dropped + 1
+    assert service.batcher.items_run == items_run + 1  # only "kept while busy" ran
+
+
+async def test_images_on_a_text_model_name_the_model_and_config_key(service):
+    from tkr_embed.engine.media import decode_image
+    from tests.helpers import png_bytes
+
+    img = decode_image(png_bytes(8, 8), 10**6, 10**6, ["PNG"])
+    with pytest.raises(ModalityNotSupported) as e:
+        await service.embed([EmbedItem(images=(img,))])
+    assert "all-MiniLM-L6-v2" in str(e.value) and "model.path" in str(e.value)
+
+
+async def test_semantic_ranking(service):
+    r = await service.embed([EmbedItem(text=t) for t in
+                             ["optimize API response time", "reduce endpoint latency", "a recipe for banana bread"]])
+    v = r.vectors
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2])
+
+
+async def test_info_reports_model_cache_batcher_and_memory(service):
+    info = service.info()
+    assert info["model"]["dimension"] == 384 and info["model"]["family"] == "text_encoder"
+    assert info["model"]["quantization"] == "none" and info["model"]["load_seconds"] > 0
+    assert info["memory"]["mlx"]["active_bytes"] > 0
+    assert {"hits", "misses", "size", "hit_rate"} <= set(info["cache"])
+    assert info["batcher"]["max_batch_items"] == 64
