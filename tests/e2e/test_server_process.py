@@ -105,3 +105,28 @@ def test_launcher_preloads_openblas_on_linux():
     r = subprocess.run(tkr_embed_cmd("serve", "--config", "config.dev.yaml", "--model", "/nonexistent"),
                        cwd=ROOT, env=env | {"TKR_EMBED_BLAS": "off"}, capture_output=True, text=True, timeout=60)
     assert "reference BLAS" in r.stderr
+
+
+def test_a_client_that_disconnects_has_its_items_dropped():
+    """A request whose client goes away while it waits in the queue never reaches the model."""
+    with running_server() as (base, _):
+        long_texts = [f"long text {i} " + "latency cache batching vector " * 60 for i in range(64)]
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+                busy = asyncio.ensure_future(c.post("/embed/text", json={"texts": long_texts}))
+                await asyncio.sleep(0.3)  # the worker is now busy with 64 long texts
+                try:
+                    async with httpx.AsyncClient(base_url=base, timeout=0.5) as impatient:
+                        await impatient.post("/embed/text", json={"texts": ["I will not wait for this"]})
+                except httpx.TimeoutException:
+                    pass
+                r = await busy
+                assert r.status_code == 200
+                await asyncio.sleep(0.5)
+                return (await c.get("/info")).json()["batcher"]
+
+        before = httpx.get(base + "/info").json()["batcher"]
+        after = asyncio.run(scenario())
+        assert after["items_dropped"] == before["items_dropped"] + 1
+        assert after["items_run"] == before["items_run"] + 64

@@ -144,3 +144,17 @@ def test_quantised_qwen2_vl_runs(worker, tiny_dir):
     q = worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "q4").embedder
     v = _embed(worker, q, [EmbedItem(text="hello", images=(_img(64, 64),))])
     assert np.isfinite(v).all() and v.shape == (1, 64)
+
+
+@pytest.mark.parametrize("layout,tie", [("transformers5", True), ("legacy", False), ("transformers5", False)])
+def test_checkpoint_layouts_load_to_the_same_model(worker, tiny, tmp_path, layout, tie):
+    """Hub checkpoints (flat config, model.layers.*) and transformers>=4.52 saves (text_config,
+    model.language_model.*), tied or with a separate lm_head, give the same vectors."""
+    from tkr_embed.models.tiny import make_tiny
+
+    other_dir = make_tiny(tmp_path / "m", layout=layout, tie_embeddings=tie)
+    other = worker.call(load_embedder, resolve_model_dir(str(other_dir)), "none").embedder
+    items = [EmbedItem(text="layout check"), EmbedItem(text="with image", images=(_img(64, 64),))]
+    a, b = _embed(worker, tiny, items), _embed(worker, other, items)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not hasattr(other.model.language_model, "lm_head")  # never used by an embedder: not kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 
 import numpy as np
 from cachetools import TTLCache
@@ -31,11 +32,11 @@ def item_key(model_key: str, item: EmbedItem, normalize: bool) -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, max_size: int, ttl_seconds: float, enabled: bool = True):
+    def __init__(self, max_size: int, ttl_seconds: float, enabled: bool = True, timer=time.monotonic):
         self.enabled = enabled
         self.max_size = max_size
         self.ttl_seconds = ttl_seconds
-        self._data: TTLCache = TTLCache(maxsize=max_size, ttl=ttl_seconds)
+        self._data: TTLCache = TTLCache(maxsize=max_size, ttl=ttl_seconds, timer=timer)
         self._lock = threading.Lock()  # TTLCache is not thread-safe; /info may read from elsewhere
         self.hits = 0
         self.misses = 0

@@ -93,11 +93,10 @@ class Qwen2VLEmbedder:
     @classmethod
     def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str, **kw) -> "Qwen2VLEmbedder":
         """Worker thread only: builds MLX arrays."""
-        from mlx_vlm.utils import load_model
-
+        from .qwen2_vl_checkpoint import load_qwen2_vl
         from .quantize import apply_quantization
 
-        model = load_model(model_dir)
+        model = load_qwen2_vl(model_dir, config)
         # The vision tower stays in full precision: it is small and sensitive to quantisation.
         apply_quantization(model.language_model, quantization)
         return cls(model_dir, model_id, config, model, quantization, **kw)

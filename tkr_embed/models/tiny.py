@@ -131,15 +131,44 @@ def tiny_preprocessor_config(min_pixels: int = 4 * 28 * 28, max_pixels: int = 64
     }
 
 
-def make_tiny(dst: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2,
-              vision_depth: int = 2, max_pixels: int = 64 * 28 * 28) -> Path:
+TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "hidden_act", "rms_norm_eps", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling")
+
+
+def to_transformers5_layout(cfg: dict, weights: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """The layout transformers >= 4.52 saves: nested text_config, model.language_model.* / model.visual.*."""
+    cfg = dict(cfg)
+    cfg["text_config"] = {"model_type": "qwen2_vl_text", **{k: cfg.pop(k) for k in TEXT_KEYS}}
+    out = {}
+    for k, v in weights.items():
+        if k.startswith("model."):
+            k = "model.language_model." + k[len("model."):]
+        elif k.startswith("visual."):
+            k = "model." + k
+        out[k] = v
+    return cfg, out
+
+
+def make_tiny(dst: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2, vision_depth: int = 2,
+              max_pixels: int = 64 * 28 * 28, layout: str = "legacy", tie_embeddings: bool = True) -> Path:
+    """layout: "legacy" (as gme/Ops-MM ship on the Hub) or "transformers5" (as transformers saves today).
+    tie_embeddings=False adds a separate lm_head, as the 7B checkpoints have."""
     from safetensors.numpy import save_file
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(hidden, layers, vision_depth)
+    weights = tiny_weights(cfg, seed)
+    if not tie_embeddings:
+        cfg["tie_word_embeddings"] = False
+        weights["lm_head.weight"] = np.random.default_rng(seed + 1).standard_normal(
+            (cfg["vocab_size"], hidden)).astype(np.float32) * 0.02
+    if layout == "transformers5":
+        cfg, weights = to_transformers5_layout(cfg, weights)
+    elif layout != "legacy":
+        raise ValueError(f"unknown layout {layout!r}")
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(tiny_weights(cfg, seed), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     write_qwen2_tokenizer(dst)
     (dst / "preprocessor_config.json").write_text(
         json.dumps(tiny_preprocessor_config(max_pixels=max_pixels), indent=2)
