@@ -50,7 +50,7 @@ def test_cached_vectors_are_read_only_copies():
     v = np.ones(3, np.float32)
     c.put("k", v)
     v[0] = 5
-    got = c.get("k")
+    got = c.get("k").vector
     assert got[0] == 1 and not got.flags.writeable
 
 

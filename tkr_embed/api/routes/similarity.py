@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ...engine.service import EmbeddingService
 from ...models.base import EmbedItem
-from ..deps import check_texts, decode_images, get_service, require_content_type, require_images, run_embedding
+from ..deps import check_item_count, check_text, decode_images, get_service, require_content_type, require_images, run_embedding
 from ..errors import APIError
 from ..responses import FastJSONResponse
 from ..schemas import MultimodalInput, SimilarityInput, SimilarityRequest, SimilarityResponse
@@ -31,7 +31,8 @@ async def _to_items(service: EmbeddingService, inputs: list[tuple[str, Similarit
         if value.image is not None:
             blobs.append((f"{param}.image", value.image))
     for param, text in texts:
-        check_texts([text], service, param)
+        if text is not None:
+            check_text(text, service, param)
     if blobs:
         require_images(service)
     images = iter(await decode_images(service, blobs)) if blobs else iter(())
@@ -51,10 +52,7 @@ async def _to_items(service: EmbeddingService, inputs: list[tuple[str, Similarit
 async def similarity(body: SimilarityRequest, request: Request,
                      service: EmbeddingService = Depends(get_service)):
     started = time.perf_counter()
-    lim = service.settings.limits
-    if len(body.candidates) + 1 > lim.max_items_per_request:
-        raise APIError(400, "too_many_items", f"{len(body.candidates)} candidates; the limit is "
-                       f"{lim.max_items_per_request - 1} (limits.max_items_per_request)", "candidates")
+    check_item_count(len(body.candidates) + 1, service, "candidates")
     inputs = [("query", body.query)] + [(f"candidates[{i}]", c) for i, c in enumerate(body.candidates)]
     items = await _to_items(service, inputs, body.instruction)
     result = await run_embedding(request, lambda: service.embed(items, normalize=True))
