@@ -85,6 +85,59 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(args: argparse.Namespace):
+    from .api.app import open_key_store
+    from .config import SettingsError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as e:
+        print(f"tkr-embed: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return open_key_store(settings)
+
+
+def _print_key(record, token: str | None = None) -> None:
+    import json
+
+    body = record.public()
+    if token:
+        body["key"] = token
+    print(json.dumps(body, indent=2))
+    if token:
+        print("\nThis is the only time the key is shown: store it now.", file=sys.stderr)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import json
+
+    from .auth.store import KeyNotFound
+
+    store = _open_store(args)
+    try:
+        if args.keys_command == "create":
+            limits = {k: getattr(args, k) for k in ("per_minute", "per_hour", "per_day", "burst")
+                      if getattr(args, k) is not None} or None
+            record, token = store.create(args.name, [p.strip() for p in args.permissions.split(",") if p.strip()],
+                                         args.expires_in_days, limits)
+            _print_key(record, token)
+        elif args.keys_command == "list":
+            print(json.dumps([r.public() for r in store.list()], indent=2))
+        elif args.keys_command == "revoke":
+            _print_key(store.revoke(args.id))
+        elif args.keys_command == "rotate":
+            _print_key(*store.rotate(args.id))
+    except KeyNotFound as e:
+        print(f"tkr-embed: no API key with id '{e.args[0]}'", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"tkr-embed: {e}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tkr-embed", description="Local multimodal embedding server on MLX.")
     p.add_argument("--version", action="version", version=f"tkr-embed {__version__}")
@@ -109,6 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     i = m.add_parser("info", help="detect a model's family")
     i.add_argument("path")
     i.set_defaults(func=cmd_model_info)
+
+    k = sub.add_parser("keys", help="manage API keys (the same store the server uses; safe while it runs)")
+    k.add_argument("--config", help="YAML settings file (finds data_dir / security.database_url)")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    c = ks.add_parser("create", help="create a key; prints it once")
+    c.add_argument("--name", required=True)
+    c.add_argument("--permissions", required=True,
+                   help="comma-separated: embed:text,embed:image,embed:multimodal,similarity,admin")
+    c.add_argument("--expires-in-days", type=float)
+    for lim in ("per-minute", "per-hour", "per-day", "burst"):
+        c.add_argument(f"--{lim}", type=int, help=f"rate limit override ({lim})")
+    ks.add_parser("list", help="list keys (never secrets)")
+    for name, text in (("revoke", "revoke a key (effective on its next request)"),
+                       ("rotate", "new secret for a key; the old one stops working")):
+        r = ks.add_parser(name, help=text)
+        r.add_argument("id")
+    k.set_defaults(func=cmd_keys)
     return p
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -74,6 +74,39 @@ class LimitSettings(_Section):
         return [f.upper() for f in v]
 
 
+class SecuritySettings(_Section):
+    require_api_key: bool = True
+    # The master admin key. Set it through EMBEDDING_API_KEY, not in a file.
+    api_key: SecretStr | None = None
+    # With a server secret, stored key digests are HMAC-SHA256 (a copied database cannot be
+    # checked offline). Set through EMBEDDING_KEY_SECRET. Changing it invalidates every key.
+    key_secret: SecretStr | None = None
+    # SQLAlchemy URL of the key store; default: sqlite:///<data_dir>/keys.db
+    database_url: SecretStr | None = None
+    # Accept ?api_key=... Off by default: query strings end up in proxy logs and browser history.
+    allow_query_key: bool = False
+    # /info needs a key (any permission) when auth is on.
+    info_requires_auth: bool = True
+
+
+class RateLimitSettings(_Section):
+    enabled: bool = True
+    per_minute: int = Field(60, ge=1)
+    per_hour: int = Field(1000, ge=1)
+    per_day: int = Field(10000, ge=1)
+    burst: int = Field(10, ge=1)  # requests allowed within any one second
+    # limits storage: memory:// (one process) or redis://host:port (shared by replicas)
+    storage_uri: SecretStr = SecretStr("memory://")
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _scheme(cls, v: SecretStr) -> SecretStr:
+        uri = v.get_secret_value()
+        if not uri.startswith(("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")):
+            raise ValueError("must be memory:// or a redis:// URL")
+        return v
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: str | None = None
@@ -87,9 +120,37 @@ class Settings(_Section):
     engine: EngineSettings = EngineSettings()
     cache: CacheSettings = CacheSettings()
     limits: LimitSettings = LimitSettings()
+    security: SecuritySettings = SecuritySettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
     logging: LoggingSettings = LoggingSettings()
     # Where the server keeps its state (key store, downloaded models); relative to the config file.
     data_dir: str = "data"
+
+    @model_validator(mode="after")
+    def _never_open_on_a_public_address(self) -> "Settings":
+        if not self.security.require_api_key and not is_loopback(self.server.host):
+            raise ValueError(
+                f"security.require_api_key is false but server.host is {self.server.host}: without API keys "
+                "the server only binds to a loopback address (127.0.0.1, ::1, localhost)"
+            )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        if self.security.database_url is not None:
+            return self.security.database_url.get_secret_value()
+        return f"sqlite:///{Path(self.data_dir) / 'keys.db'}"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class SettingsError(ValueError):
@@ -117,7 +178,22 @@ ENV_ALIASES: dict[str, str] = {
     "EMBEDDING_LOG_LEVEL": "logging.level",
     "EMBEDDING_LOG_FILE": "logging.file",
     "EMBEDDING_DATA_DIR": "data_dir",
+    "EMBEDDING_API_KEY": "security.api_key",
+    "EMBEDDING_KEY_SECRET": "security.key_secret",
+    "EMBEDDING_REQUIRE_API_KEY": "security.require_api_key",
+    "EMBEDDING_DATABASE_URL": "security.database_url",
+    "EMBEDDING_RATE_LIMIT_ENABLED": "rate_limit.enabled",
+    "EMBEDDING_RATE_LIMIT_RPM": "rate_limit.per_minute",
+    "EMBEDDING_RATE_LIMIT_RPH": "rate_limit.per_hour",
+    "EMBEDDING_RATE_LIMIT_RPD": "rate_limit.per_day",
+    "EMBEDDING_RATE_LIMIT_BURST": "rate_limit.burst",
+    "EMBEDDING_RATE_LIMIT_STORAGE": "rate_limit.storage_uri",
 }
+
+
+# Values taken from the environment verbatim (secrets and URLs are strings, whatever they look like).
+RAW_STRING_KEYS = {"security.api_key", "security.key_secret", "security.database_url", "rate_limit.storage_uri",
+                   "model.path", "model.name", "server.host"}
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -175,7 +251,7 @@ def load_settings(
         base_dir = p.resolve().parent
     sources: dict[str, str] = {}
     for dotted, (raw, var) in _env_overrides(env).items():
-        _set_path(data, dotted, _parse_env_value(raw))
+        _set_path(data, dotted, raw if dotted in RAW_STRING_KEYS else _parse_env_value(raw))
         sources[dotted] = var
     for dotted, value in (overrides or {}).items():
         if value is not None:

@@ -150,3 +150,20 @@ async def test_queue_full_is_503_with_retry_after(api):
     finally:
         service.batcher.max_queue_items = limit
     assert (await client.post("/embed/text", json={"texts": ["after overload"]})).status_code == 200
+
+
+async def test_unexpected_errors_get_the_envelope_without_internals(api):
+    client, service = api
+    app = client._transport.app
+
+    async def boom():
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+    app.router.add_api_route("/__boom", boom)
+    try:
+        r = await client.get("/__boom")
+    finally:
+        app.router.routes.pop()
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    assert "secret internal detail" not in r.text and "passwd" not in r.text
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]

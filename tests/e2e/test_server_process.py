@@ -130,3 +130,37 @@ def test_a_client_that_disconnects_has_its_items_dropped():
         after = asyncio.run(scenario())
         assert after["items_dropped"] == before["items_dropped"] + 1
         assert after["items_run"] == before["items_run"] + 64
+
+
+def test_production_profile_prints_a_bootstrap_key_once_and_serves_with_it(tmp_path):
+    """config.yaml (auth on) with the tiny model: the first start prints an admin key on stdout,
+    the log never shows it, requests need it, and a restart prints nothing new."""
+    env = {"EMBEDDING_DATA_DIR": str(tmp_path), "EMBEDDING_HOST": "127.0.0.1",
+           "EMBEDDING_LOG_LEVEL": "INFO"}
+    cfg = str(ROOT / "config.yaml")
+    with running_server("--config", cfg, "--model", str(_tiny(tmp_path)), env=env) as (base, proc):
+        assert httpx.post(base + "/embed/text", json={"texts": ["x"]}).status_code == 401
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    keys = [line.strip() for line in out.splitlines() if line.strip().startswith("tke_")]
+    assert len(keys) == 1
+    assert sum(keys[0] in line for line in out.splitlines()) == 1  # printed once, in no log line
+    with running_server("--config", cfg, "--model", str(_tiny(tmp_path)), env=env) as (base, proc):
+        r = httpx.post(base + "/embed/text", json={"texts": ["x"]}, headers={"Authorization": f"Bearer {keys[0]}"})
+        assert r.status_code == 200
+        proc.terminate()
+        assert "tke_" not in proc.communicate(timeout=30)[0]
+
+
+def _tiny(tmp_path):
+    from tkr_embed.models.tiny import make_tiny
+
+    path = tmp_path / "tiny"
+    return path if (path / "config.json").exists() else make_tiny(path)
+
+
+def test_refuses_a_public_address_without_api_keys():
+    env = {**os.environ, "EMBEDDING_REQUIRE_API_KEY": "false", "EMBEDDING_HOST": "0.0.0.0"}
+    r = subprocess.run([str(ROOT / "start_production.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "loopback" in r.stderr

@@ -1,31 +1,74 @@
 """create_app: the FastAPI application, wired to one EmbeddingService.
 
-A request goes: RequestContextMiddleware (request id, body cap) -> route (routes/*.py) ->
-EmbeddingService.embed (engine/service.py) -> cache / batcher -> MLX worker -> model.
+A request goes, outermost first: RequestContextMiddleware (request id, body cap, stats) ->
+AuthMiddleware (who is calling) -> slowapi (rate limit per key, or per address) -> route
+(routes/*.py; its `require(...)` dependency checks permissions) -> EmbeddingService.embed
+(engine/service.py) -> cache / batcher -> MLX worker -> model.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import sys
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI
+from slowapi.errors import RateLimitExceeded
+from slowapi.middleware import SlowAPIASGIMiddleware
 
 from .. import __version__
+from ..auth.store import KeyStore
 from ..config import Settings
 from ..engine.service import EmbeddingService
 from .errors import RequestContextMiddleware, install_error_handlers
-from .routes import embed, similarity, system
+from .routes import admin, embed, similarity, system
+from .security import (
+    AuthMiddleware,
+    RateLimitContextMiddleware,
+    build_limiter,
+    flush_usage_periodically,
+    rate_limit_exceeded,
+)
+from .stats import RequestStats
 
 log = logging.getLogger(__name__)
 
+# Routes no rate limit applies to: liveness probes and documentation.
+UNLIMITED_PATHS = {"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 
-def create_app(settings: Settings, service: EmbeddingService | None = None) -> FastAPI:
+
+def announce_bootstrap_key(token: str) -> None:
+    """Shown once on the terminal (stdout, not the log): the store keeps only its digest."""
+    bar = "=" * 72
+    print(f"\n{bar}\ntkr-embed created an admin API key. It is shown only this once:\n\n    {token}\n\n"
+          f"Create more with POST /admin/api-keys or `tkr-embed keys create`.\n{bar}\n", file=sys.stdout, flush=True)
+
+
+def open_key_store(settings: Settings) -> KeyStore:
+    if settings.security.database_url is None:
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    secret = settings.security.key_secret
+    return KeyStore(settings.database_url, secret.get_secret_value() if secret else None)
+
+
+def create_app(settings: Settings, service: EmbeddingService | None = None,
+               announce: Callable[[str], None] = announce_bootstrap_key) -> FastAPI:
     """Build the app. The service (and the model) start in the lifespan, before the first request."""
     service = service or EmbeddingService(settings)
+    store = open_key_store(settings) if settings.security.require_api_key else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        flusher = None
+        if store is not None:
+            if settings.security.api_key is None and store.count() == 0:
+                _, token = store.create("bootstrap-admin", ["admin"])
+                announce(token)
+            flusher = asyncio.get_running_loop().create_task(flush_usage_periodically(store))
         await service.start()
         app.state.service = service
         try:
@@ -33,6 +76,12 @@ def create_app(settings: Settings, service: EmbeddingService | None = None) -> F
         finally:
             app.state.service = None
             await service.stop()
+            if flusher:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            if store is not None:
+                store.close()
 
     docs = settings.server.docs_enabled
     app = FastAPI(
@@ -46,8 +95,23 @@ def create_app(settings: Settings, service: EmbeddingService | None = None) -> F
     )
     app.state.settings = settings
     app.state.service = None
+    app.state.key_store = store
+    app.state.stats = RequestStats()
+    app.state.limiter = limiter = build_limiter(settings)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.limits.max_body_bytes)
-    for module in (system, embed, similarity):
-        app.include_router(module.router)
+    app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)
+    for module in (system, embed, similarity, admin):
+        # The routes themselves, not include_router: FastAPI >= 0.16x wraps included routers in
+        # one opaque route, and slowapi finds a request's endpoint by scanning app.routes (a
+        # wrapped endpoint is not found and would never be rate limited). The routers' prefixes
+        # and dependencies are already part of their routes.
+        app.router.routes.extend(module.router.routes)
+    for route in app.routes:
+        if getattr(route, "path", None) in UNLIMITED_PATHS:
+            limiter.exempt(route.endpoint)
+    # add_middleware wraps: the last added runs first.
+    app.add_middleware(SlowAPIASGIMiddleware)
+    app.add_middleware(RateLimitContextMiddleware, settings=settings)
+    app.add_middleware(AuthMiddleware, settings=settings, store=store)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.limits.max_body_bytes, stats=app.state.stats)
     return app

@@ -37,6 +37,13 @@ def require_content_type(*accepted: str) -> Callable[[Request], None]:
     return check
 
 
+def count_items(request: Request, n: int) -> None:
+    """Items this request embeds, for the caller's usage counters and /admin/stats."""
+    principal = request.scope.get("state", {}).get("principal")
+    if principal is not None:
+        principal.items = n
+
+
 def require_images(service: EmbeddingService) -> None:
     """Fail fast, before any image is read or decoded, when the model is text-only."""
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -93,10 +94,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        # One line at ERROR (no stack trace, which may hold paths or data); the trace at DEBUG.
         log.error("unhandled %s on %s %s (request %s)", type(exc).__name__, request.method,
-                  request.url.path, request_id_of(request), exc_info=exc)
+                  request.url.path, request_id_of(request))
+        log.debug("traceback for request %s", request_id_of(request), exc_info=exc)
         return error_response(request, 500, "internal_error",
                               "the server failed to process this request; the request id is in the logs")
+
+
+def _int_reset(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """X-RateLimit-Reset as whole epoch seconds (the limits library reports a float)."""
+    name, value = header
+    if name.lower() == b"x-ratelimit-reset" and b"." in value:
+        try:
+            return name, str(int(float(value))).encode()
+        except ValueError:
+            pass
+    return header
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -111,9 +125,10 @@ class RequestContextMiddleware:
     """Pure ASGI: assigns X-Request-ID (the client's when sane), caps the body size, and turns
     a body over the cap into a 413 envelope, whether or not Content-Length was sent."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, stats=None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.stats = stats
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -129,12 +144,16 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
         started = False
+        status = 500
+        t0 = time.perf_counter()
 
         async def send_with_id(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": [*message.get("headers", []), rid_header]}
+                status = message["status"]
+                headers = [_int_reset(h) for h in message.get("headers", [])]
+                message = {**message, "headers": [*headers, rid_header]}
             await send(message)
 
         async def reject(status: int, type_: str, msg: str):
@@ -169,3 +188,19 @@ class RequestContextMiddleware:
         except BodyTooLarge:
             if not started:
                 await reject(413, "request_too_large", too_large)
+        except Exception as exc:  # noqa: BLE001
+            # Caught here, inside Starlette's ServerErrorMiddleware, which would re-raise it for
+            # the server to log with a stack trace. One line at ERROR; the trace at DEBUG.
+            log.error("unhandled %s on %s %s (request %s)", type(exc).__name__, scope.get("method"),
+                      scope.get("path"), rid)
+            log.debug("traceback for request %s", rid, exc_info=exc)
+            if not started:
+                status = 500
+                await reject(500, "internal_error",
+                             "the server failed to process this request; the request id is in the logs")
+        finally:
+            if self.stats is not None:
+                route = scope.get("route")
+                principal = scope["state"].get("principal")
+                self.stats.record(getattr(route, "path", "(unmatched)"), status, time.perf_counter() - t0,
+                                  getattr(principal, "items", 0))

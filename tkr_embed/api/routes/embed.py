@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ...engine.service import EmbeddingService, EmbedResult
 from ...models.base import EmbedItem
-from ..deps import check_item_count, check_text, decode_images, get_service, read_upload, require_content_type, require_images, run_embedding
+from ..deps import check_item_count, check_text, count_items, decode_images, get_service, read_upload, require_content_type, require_images, run_embedding
 from ..responses import FastJSONResponse
+from ..security import require
 from ..schemas import EmbedResponse, TextEmbedRequest
 
 router = APIRouter(tags=["embeddings"])
@@ -26,7 +27,7 @@ def _respond(service: EmbeddingService, result: EmbedResult, started: float) -> 
 
 
 @router.post("/embed/text", response_model=EmbedResponse,
-             dependencies=[Depends(require_content_type("application/json"))])
+             dependencies=[Depends(require("embed:text")), Depends(require_content_type("application/json"))])
 async def embed_text(body: TextEmbedRequest, request: Request,
                      service: EmbeddingService = Depends(get_service)):
     started = time.perf_counter()
@@ -34,12 +35,13 @@ async def embed_text(body: TextEmbedRequest, request: Request,
     for i, text in enumerate(body.texts):
         check_text(text, service, f"texts[{i}]")
     items = [EmbedItem(text=t, instruction=body.instruction) for t in body.texts]
+    count_items(request, len(items))
     result = await run_embedding(request, lambda: service.embed(items, body.normalize))
     return _respond(service, result, started)
 
 
 @router.post("/embed/image", response_model=EmbedResponse,
-             dependencies=[Depends(require_content_type("multipart/form-data"))])
+             dependencies=[Depends(require("embed:image")), Depends(require_content_type("multipart/form-data"))])
 async def embed_image(request: Request,
                       file: list[UploadFile] = File(..., description="One or more images (repeat the part)."),
                       normalize: bool = Form(True), instruction: str | None = Form(None),
@@ -51,12 +53,14 @@ async def embed_image(request: Request,
     blobs = [(f"file[{i}]", await read_upload(f, lim.max_image_bytes, f"file[{i}]")) for i, f in enumerate(file)]
     images = await decode_images(service, blobs)
     items = [EmbedItem(images=(img,), instruction=instruction) for img in images]
+    count_items(request, len(items))
     result = await run_embedding(request, lambda: service.embed(items, normalize))
     return _respond(service, result, started)
 
 
 @router.post("/embed/multimodal", response_model=EmbedResponse,
-             dependencies=[Depends(require_content_type("multipart/form-data"))])
+             dependencies=[Depends(require("embed:multimodal")),
+                           Depends(require_content_type("multipart/form-data"))])
 async def embed_multimodal(request: Request,
                            text: str = Form(..., description="Text fused with the image(s)."),
                            image: list[UploadFile] = File(..., description="One or more images, fused."),
@@ -71,5 +75,6 @@ async def embed_multimodal(request: Request,
               await read_upload(f, lim.max_image_bytes, "image")) for i, f in enumerate(image)]
     images = await decode_images(service, blobs)
     items = [EmbedItem(text=text, images=tuple(images), instruction=instruction)]
+    count_items(request, 1)
     result = await run_embedding(request, lambda: service.embed(items, normalize))
     return _respond(service, result, started)

@@ -9,15 +9,16 @@ from fastapi import APIRouter, Depends, Request
 
 from ...engine.service import EmbeddingService
 from ...models.base import EmbedItem
-from ..deps import check_item_count, check_text, decode_images, get_service, require_content_type, require_images, run_embedding
+from ..deps import check_item_count, check_text, count_items, decode_images, get_service, require_content_type, require_images, run_embedding
 from ..errors import APIError
 from ..responses import FastJSONResponse
+from ..security import require
 from ..schemas import MultimodalInput, SimilarityInput, SimilarityRequest, SimilarityResponse
 
 router = APIRouter(tags=["similarity"])
 
 
-async def _to_items(service: EmbeddingService, inputs: list[tuple[str, SimilarityInput]],
+async def _to_items(request: Request, service: EmbeddingService, inputs: list[tuple[str, SimilarityInput]],
                     query_instruction: str | None) -> list[EmbedItem]:
     texts: list[tuple[str, str | None]] = []
     blobs: list[tuple[str, str]] = []
@@ -35,6 +36,7 @@ async def _to_items(service: EmbeddingService, inputs: list[tuple[str, Similarit
             check_text(text, service, param)
     if blobs:
         require_images(service)
+        require("embed:image")(request)  # comparing images also needs the image permission
     images = iter(await decode_images(service, blobs)) if blobs else iter(())
     items = []
     for i, (param, value) in enumerate(inputs):
@@ -48,13 +50,14 @@ async def _to_items(service: EmbeddingService, inputs: list[tuple[str, Similarit
 
 
 @router.post("/similarity", response_model=SimilarityResponse,
-             dependencies=[Depends(require_content_type("application/json"))])
+             dependencies=[Depends(require("similarity")), Depends(require_content_type("application/json"))])
 async def similarity(body: SimilarityRequest, request: Request,
                      service: EmbeddingService = Depends(get_service)):
     started = time.perf_counter()
     check_item_count(len(body.candidates) + 1, service, "candidates")
     inputs = [("query", body.query)] + [(f"candidates[{i}]", c) for i, c in enumerate(body.candidates)]
-    items = await _to_items(service, inputs, body.instruction)
+    items = await _to_items(request, service, inputs, body.instruction)
+    count_items(request, len(items))
     result = await run_embedding(request, lambda: service.embed(items, normalize=True))
     scores = result.vectors[1:] @ result.vectors[0]
     order = np.argsort(-scores, kind="stable")

@@ -9,6 +9,7 @@ from ...engine.service import EmbeddingService
 from ..deps import get_service
 from ..responses import FastJSONResponse
 from ..schemas import HealthResponse
+from ..security import require
 
 router = APIRouter(tags=["system"])
 
@@ -21,6 +22,11 @@ async def health(request: Request):
                             status_code=200 if loaded else 503)
 
 
-@router.get("/info")
+def _info_access(request: Request) -> None:
+    if request.app.state.settings.security.info_requires_auth:
+        require(any_key=True)(request)
+
+
+@router.get("/info", dependencies=[Depends(_info_access)])
 async def info(service: EmbeddingService = Depends(get_service)):
     return FastJSONResponse({"version": __version__, **service.info()})
