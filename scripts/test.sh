@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
+# LiteLLM's proxy lives in its own environment (its pins clash with ours); the e2e test uses it.
+if [ ! -x .venv-litellm/bin/litellm ] || ! cmp -s requirements-litellm.txt .venv-litellm/requirements.txt; then
+  rm -rf .venv-litellm
+  .venv/bin/python -m venv .venv-litellm
+  .venv-litellm/bin/python -m pip --disable-pip-version-check -q install -r requirements-litellm.txt
+  cp requirements-litellm.txt .venv-litellm/requirements.txt
+fi
+export TKR_LITELLM_PROXY="$PWD/.venv-litellm/bin/litellm"
 # Preload OpenBLAS for MLX in this process and the servers the tests start.
 eval "$(.venv/bin/python - <<'PY'
 import shlex

@@ -34,6 +34,8 @@ class ModelSettings(_Section):
     revision: str | None = None
     quantization: Literal["auto", "q4", "q8", "none"] = "auto"
     device: Literal["auto", "cpu", "gpu"] = "auto"
+    # Other names clients may use for this model (the OpenAI API's "model" field).
+    aliases: list[str] = []
     # Longest input in tokens (prompt template and image tokens included); None = the model's own limit.
     max_tokens: int | None = Field(None, ge=8)
     # Qwen2-VL image budget, in pixels; None = the family default (Ops-MM 256*28*28, GME 4*28*28).
@@ -72,6 +74,19 @@ class LimitSettings(_Section):
     @classmethod
     def _upper(cls, v: list[str]) -> list[str]:
         return [f.upper() for f in v]
+
+
+class ImageURLSettings(_Section):
+    """Fetching images by http(s) URL in /v1/embeddings (data: URIs always work)."""
+
+    enabled: bool = False
+    # Hosts that may be fetched: exact names, or "*.example.com" for subdomains. Empty: none.
+    allowlist: list[str] = []
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    timeout_seconds: float = Field(10, gt=0)
+    # Private, loopback and link-local addresses are refused (SSRF). Only for servers whose
+    # images live on a trusted LAN.
+    allow_private_networks: bool = False
 
 
 class SecuritySettings(_Section):
@@ -120,6 +135,7 @@ class Settings(_Section):
     engine: EngineSettings = EngineSettings()
     cache: CacheSettings = CacheSettings()
     limits: LimitSettings = LimitSettings()
+    image_urls: ImageURLSettings = ImageURLSettings()
     security: SecuritySettings = SecuritySettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -399,3 +399,19 @@ async def test_cli_and_admin_api_see_the_same_keys(env, data_dir):
     assert r2.status_code == 401 and "revoked" in r2.json()["error"]["message"]
     r = subprocess.run([*cli, "revoke", "000000000000"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no API key" in r.stderr
+
+
+async def test_v1_permissions_follow_the_content(env):
+    client, _, _, keys = env
+    uri = "data:image/png;base64," + B64
+    image_part = {"model": "tiny-qwen2-vl", "input": [[{"type": "image_url", "image_url": {"url": uri}}]]}
+    text = {"model": "tiny-qwen2-vl", "input": "hello"}
+    r = await client.post("/v1/embeddings", json=image_part, headers=H(keys["embed:text"]))
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert "embed:image" in r.json()["error"]["message"]
+    assert (await client.post("/v1/embeddings", json=image_part, headers=H(keys["embed:image"]))).status_code == 200
+    assert (await client.post("/v1/embeddings", json=text, headers=H(keys["embed:image"]))).status_code == 403
+    assert (await client.post("/v1/embeddings", json=text, headers=H(keys["embed:text"]))).status_code == 200
+    r = await client.post("/v1/embeddings", json=text)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert (await client.get("/v1/models", headers=H(keys["similarity"]))).status_code == 200

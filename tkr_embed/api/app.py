@@ -23,9 +23,10 @@ from slowapi.middleware import SlowAPIASGIMiddleware
 from .. import __version__
 from ..auth.store import KeyStore
 from ..config import Settings
+from ..engine.fetch import ImageFetcher
 from ..engine.service import EmbeddingService
 from .errors import RequestContextMiddleware, install_error_handlers
-from .routes import admin, embed, similarity, system
+from .routes import admin, embed, openai, similarity, system
 from .security import (
     AuthMiddleware,
     RateLimitContextMiddleware,
@@ -97,10 +98,11 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
     app.state.service = None
     app.state.key_store = store
     app.state.stats = RequestStats()
+    app.state.image_fetcher = ImageFetcher(settings.image_urls)
     app.state.limiter = limiter = build_limiter(settings)
     install_error_handlers(app)
     app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)
-    for module in (system, embed, similarity, admin):
+    for module in (system, embed, similarity, openai, admin):
         # The routes themselves, not include_router: FastAPI >= 0.16x wraps included routers in
         # one opaque route, and slowapi finds a request's endpoint by scanning app.routes (a
         # wrapped endpoint is not found and would never be rate limited). The routers' prefixes

@@ -11,7 +11,7 @@ from fastapi import Request, UploadFile
 
 from ..engine.batcher import QueueFull
 from ..engine.media import ImageError, decode_base64_image, decode_image
-from ..engine.service import EmbeddingService, ModalityNotSupported
+from ..engine.service import EmbeddingService, ModalityNotSupported, TooManyTokens
 from ..models.base import DecodedImage, UnsupportedInput
 from ..models.qwen2_vl import InputTooLong
 from ..models.qwen2_vl_image import ImageShapeError
@@ -96,6 +96,8 @@ async def run_embedding(request: Request, call: Callable[[], Awaitable[T]]) -> T
         raise APIError(400, "unsupported_modality", str(e)) from None
     except InputTooLong as e:
         raise APIError(400, "input_too_long", str(e)) from None
+    except TooManyTokens as e:
+        raise APIError(400, "input_too_long", str(e), f"input[{e.offenders[0][0]}]") from None
     except ImageShapeError as e:
         raise APIError(400, "invalid_image", str(e)) from None
     except UnsupportedInput as e:

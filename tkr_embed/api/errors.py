@@ -10,7 +10,6 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -39,13 +38,32 @@ def request_id_of(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id") or "-"
 
 
+# OpenAI's error types by status, for the /v1 API (its SDKs pick exception classes by status;
+# `type` and `code` are what clients log and branch on).
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+                 500: "server_error", 503: "server_error"}
+
+
+def envelope(path: str, status: int, type_: str, message: str, request_id: str, param: str | None = None) -> bytes:
+    """The error body: tkr-embed's native shape, or OpenAI's on /v1 paths.
+
+    native: {"error": {"type", "message", "request_id", "param"?}}
+    /v1:    {"error": {"message", "type", "param", "code"}}  (request id in the X-Request-ID header)
+    """
+    if path.startswith("/v1/"):
+        body = {"message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
+                "param": param, "code": type_}
+    else:
+        body = {"type": type_, "message": message, "request_id": request_id}
+        if param is not None:
+            body["param"] = param
+    return orjson.dumps({"error": body})
+
+
 def error_response(request: Request, status: int, type_: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> Response:
-    body: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id_of(request)}
-    if param is not None:
-        body["param"] = param
-    return Response(orjson.dumps({"error": body}), status_code=status, media_type="application/json",
-                    headers=headers)
+    body = envelope(request.url.path, status, type_, message, request_id_of(request), param)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 _STATUS_TYPES = {
@@ -157,7 +175,7 @@ class RequestContextMiddleware:
             await send(message)
 
         async def reject(status: int, type_: str, msg: str):
-            body = orjson.dumps({"error": {"type": type_, "message": msg, "request_id": rid}})
+            body = envelope(scope.get("path", ""), status, type_, msg, rid)
             await send_with_id({"type": "http.response.start", "status": status,
                                 "headers": [(b"content-type", b"application/json"),
                                             (b"content-length", str(len(body)).encode())]})

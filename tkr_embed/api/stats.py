@@ -14,11 +14,16 @@ class RequestStats:
         self.items = 0
         self.rate_limited = 0
         self._latencies: deque[float] = deque(maxlen=window)  # seconds, most recent requests
+        self.by_user: Counter[tuple[str, str]] = Counter()  # (key id, OpenAI "user") -> items
 
     def record(self, route: str, status: int, seconds: float, items: int) -> None:
         self.by_route[(route, status)] += 1
         self.items += items
         self._latencies.append(seconds)
+
+    def record_user(self, key_id: str | None, user: str, items: int) -> None:
+        if len(self.by_user) < 100_000 or (key_id or "anonymous", user) in self.by_user:
+            self.by_user[(key_id or "anonymous", user)] += items
 
     def snapshot(self) -> dict:
         lat = sorted(self._latencies)
@@ -35,5 +40,6 @@ class RequestStats:
             "items": self.items,
             "rate_limit_rejections": self.rate_limited,
             "by_route": routes,
+            "by_user": [{"key_id": k, "user": u, "items": n} for (k, u), n in self.by_user.most_common(100)],
             "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "window": len(lat)},
         }

@@ -21,6 +21,7 @@ from ..models.base import EmbedItem
 class CachedEmbedding(NamedTuple):
     vector: np.ndarray
     tokens: int  # what the item cost when it was computed (usage is reported for hits too)
+    full_tokens: int  # what it would have needed untruncated (> tokens: it was truncated)
 
 
 def item_key(model_key: str, item: EmbedItem, normalize: bool) -> str:
@@ -58,13 +59,13 @@ class EmbeddingCache:
             self.hits += 1
         return hit
 
-    def put(self, key: str, vector: np.ndarray, tokens: int = 0) -> None:
+    def put(self, key: str, vector: np.ndarray, tokens: int = 0, full_tokens: int = 0) -> None:
         if not self.enabled:
             return
         vec = np.array(vector, dtype=np.float32, copy=True)
         vec.setflags(write=False)  # shared between responses: never mutated in place
         with self._lock:
-            self._data[key] = CachedEmbedding(vec, tokens)
+            self._data[key] = CachedEmbedding(vec, tokens, max(tokens, full_tokens))
 
     def clear(self) -> None:
         with self._lock:

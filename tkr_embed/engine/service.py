@@ -31,6 +31,16 @@ class ModalityNotSupported(ValueError):
     """An image was sent to a text-only model."""
 
 
+class TooManyTokens(ValueError):
+    """truncate=False and some inputs exceed the model's limit: (index, tokens) for each."""
+
+    def __init__(self, offenders: list[tuple[int, int]], limit: int):
+        listed = ", ".join(f"input[{i}] has {n} tokens" for i, n in offenders)
+        super().__init__(f"{listed}; the model accepts at most {limit} (send truncate: true to cut them)")
+        self.offenders = offenders
+        self.limit = limit
+
+
 @dataclass
 class EmbedResult:
     vectors: np.ndarray  # float32 [n, dimension]
@@ -128,18 +138,28 @@ class EmbeddingService:
             if i.text is None and not i.images:
                 raise UnsupportedInput("an item needs text, an image, or both")
 
+    def decode_tokens(self, ids: list[int]) -> str:
+        """Token ids -> text with the served model's tokenizer (CPU work, no MLX)."""
+        emb = self.loaded.embedder
+        bad = [t for t in ids if not 0 <= t < emb.vocab_size]
+        if bad:
+            raise UnsupportedInput(f"token id {bad[0]} is outside the model's vocabulary (0..{emb.vocab_size - 1})")
+        return emb.decode(ids)
+
     def _prepare_all(self, items: Sequence[EmbedItem]) -> list[Prepared]:
         emb = self.loaded.embedder
         return [emb.prepare(i) for i in items]
 
-    async def embed(self, items: Sequence[EmbedItem], normalize: bool = True) -> EmbedResult:
+    async def embed(self, items: Sequence[EmbedItem], normalize: bool = True, truncate: bool = True) -> EmbedResult:
+        """Vectors for items, in order. truncate=False refuses (TooManyTokens) rather than cuts
+        inputs over the model's token limit; nothing is computed then."""
         self._check_modalities(items)
         keys = [item_key(self._model_key, it, normalize) for it in items]
         n = len(items)
         out: list[np.ndarray | None] = [None] * n
         cached = [False] * n
         tokens = [0] * n
-        truncated = [False] * n
+        full = [0] * n
         # Identical items within one request are computed once.
         todo: dict[str, list[int]] = {}
         for idx, key in enumerate(keys):
@@ -147,13 +167,21 @@ class EmbeddingService:
             if hit is not None:
                 out[idx] = hit.vector
                 cached[idx] = True
-                tokens[idx] = hit.tokens
+                tokens[idx], full[idx] = hit.tokens, hit.full_tokens
             else:
                 todo.setdefault(key, []).append(idx)
         if todo:
             first = [idxs[0] for idxs in todo.values()]
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.cpu_pool, self._prepare_all, [items[i] for i in first])
+            for idxs, p in zip(todo.values(), prepared):
+                for idx in idxs:
+                    tokens[idx], full[idx] = p.num_tokens, p.full_tokens
+        if not truncate:
+            offenders = [(i, f) for i, (t, f) in enumerate(zip(tokens, full)) if f > t]
+            if offenders:
+                raise TooManyTokens(offenders, self.loaded.embedder.max_tokens)
+        if todo:
             futures = self.batcher.submit(prepared)
             try:
                 raw = await asyncio.gather(*futures)
@@ -165,11 +193,10 @@ class EmbeddingService:
                 vec = np.asarray(vec, dtype=np.float32)
                 if normalize:
                     vec = l2_normalize(vec)
-                self.cache.put(key, vec, p.num_tokens)
+                self.cache.put(key, vec, p.num_tokens, p.full_tokens)
                 for idx in idxs:
                     out[idx] = vec
-                    tokens[idx] = p.num_tokens
-                    truncated[idx] = p.truncated
+        truncated = [f > t for t, f in zip(tokens, full)]
         return EmbedResult(np.stack(out).astype(np.float32, copy=False), cached, tokens, truncated)
 
     # ---- introspection ---------------------------------------------------------------------

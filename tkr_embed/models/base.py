@@ -54,7 +54,14 @@ class Prepared:
     input_ids: np.ndarray  # int32 [seq]
     num_tokens: int  # tokens the model attends to, image tokens included (no padding)
     extras: dict[str, Any] = field(default_factory=dict)  # family-specific arrays
-    truncated: bool = False
+    full_tokens: int = 0  # what the input would need untruncated (== num_tokens unless truncated)
+
+    def __post_init__(self) -> None:
+        self.full_tokens = max(self.full_tokens, self.num_tokens)
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_tokens > self.num_tokens
 
     @property
     def cost(self) -> int:
@@ -80,3 +87,10 @@ class Embedder(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids (as clients send them to /v1/embeddings) back to text."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...

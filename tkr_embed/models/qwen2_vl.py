@@ -124,13 +124,12 @@ class Qwen2VLEmbedder:
                 + [self.vision_end_id]
             )
         fixed = len(prefix) + len(suffix) + sum(len(r) for r in image_runs)
-        truncated = False
-        if fixed + len(text_ids) > self.max_tokens:
+        full = fixed + len(text_ids)
+        if full > self.max_tokens:
             room = self.max_tokens - fixed
             if room < 0 or (room == 0 and text_ids and not item.images):
-                raise InputTooLong(fixed + len(text_ids), self.max_tokens)
+                raise InputTooLong(full, self.max_tokens)
             text_ids = text_ids[:room]
-            truncated = True
         ids = list(prefix)
         for run in image_runs:
             ids.extend(run)
@@ -141,7 +140,7 @@ class Qwen2VLEmbedder:
         if pixel_values:
             extras["pixel_values"] = np.concatenate(pixel_values, axis=0)
             extras["grid_thw"] = np.asarray(grids, dtype=np.int32)
-        return Prepared(input_ids=input_ids, num_tokens=len(ids), extras=extras, truncated=truncated)
+        return Prepared(input_ids=input_ids, num_tokens=len(ids), extras=extras, full_tokens=full)
 
     def _mrope_positions(self, ids: np.ndarray, grids: list[tuple[int, int, int]]) -> np.ndarray:
         """M-RoPE position ids [3, seq] for one unpadded item, as mlx-vlm's get_rope_index.
@@ -173,8 +172,12 @@ class Qwen2VLEmbedder:
         chunks.append(np.broadcast_to(np.arange(tail) + next_pos, (3, tail)))
         return np.concatenate(chunks, axis=1).astype(np.int32)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     # ---- worker side ----------------------------------------------------------------------
     def forward(self, batch: Sequence[Prepared]) -> np.ndarray:

@@ -149,7 +149,6 @@ def load_embedder(resolved: ResolvedModel, quantization: str = "auto", max_token
             emb = TextEncoderEmbedder.load(resolved.path, resolved.model_id, config, mode)
             if max_tokens:
                 emb.max_tokens = min(emb.max_tokens, max_tokens)
-                emb.tokenizer.enable_truncation(emb.max_tokens)
     except ModelLoadError:
         raise
     except Exception as e:  # a broken checkpoint: say which and why, without a stack trace

@@ -39,7 +39,7 @@ class TextEncoderEmbedder:
         self.checkpoint_normalizes = any("Normalize" in m.get("type", "") for m in modules)
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.max_tokens)
+        self.tokenizer.no_truncation()
         self.pad_id = int(config.get("pad_token_id", 0) or 0)
 
     @classmethod
@@ -59,13 +59,19 @@ class TextEncoderEmbedder:
         if item.text is None:
             raise UnsupportedInput("empty item")
         text = item.text if not item.instruction else f"{item.instruction}{item.text}"
-        enc = self.tokenizer.encode(text)
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        truncated = bool(enc.overflowing)
-        return Prepared(input_ids=ids, num_tokens=len(ids), truncated=truncated)
+        ids = self.tokenizer.encode(text).ids
+        full = len(ids)
+        if full > self.max_tokens:
+            # Keep the closing special token ([SEP]), as sentence-transformers' truncation does.
+            ids = ids[: self.max_tokens - 1] + ids[-1:]
+        return Prepared(input_ids=np.asarray(ids, dtype=np.int32), num_tokens=len(ids), full_tokens=full)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text).ids)
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
         import mlx.core as mx
