@@ -68,6 +68,21 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from .models.convert import convert
+    from .models.registry import ModelLoadError
+
+    try:
+        report = convert(args.src, args.dst, args.quantize)
+    except (ModelLoadError, ValueError) as e:
+        print(f"tkr-embed: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     import json
 
@@ -159,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--layers", type=int, default=2)
     t.set_defaults(func=cmd_make_tiny)
+    cv = m.add_parser("convert", help="write an MLX checkpoint (optionally quantised) that loads faster")
+    cv.add_argument("src", help="Hugging Face directory or repo id")
+    cv.add_argument("dst")
+    cv.add_argument("--quantize", choices=["q4", "q8"])
+    cv.set_defaults(func=cmd_convert)
     i = m.add_parser("info", help="detect a model's family")
     i.add_argument("path")
     i.set_defaults(func=cmd_model_info)

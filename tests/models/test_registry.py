@@ -47,6 +47,6 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mem,expected", [(64 << 30, "q8"), (32 << 30, "q8"), (24 << 30, "q4"), (16 << 30, "q4")])
 def test_auto_quantization_follows_memory(mem, expected):
-    assert resolve_quantization("auto", already_quantized=False, memory_bytes=mem) == expected
-    assert resolve_quantization("none", already_quantized=False, memory_bytes=mem) == "none"
-    assert resolve_quantization("auto", already_quantized=True, memory_bytes=mem) == "checkpoint"
+    assert resolve_quantization("auto", memory_bytes=mem) == expected
+    assert resolve_quantization("none", memory_bytes=mem) == "none"
+    assert resolve_quantization("auto", {"bits": 4, "group_size": 64}, memory_bytes=mem) == "checkpoint-q4"

@@ -19,10 +19,11 @@ def total_memory_bytes() -> int:
         return 0
 
 
-def resolve_quantization(requested: str, already_quantized: bool, memory_bytes: int | None = None) -> str:
-    """Turn the configured mode into the one applied: none | q4 | q8 (or 'checkpoint')."""
-    if already_quantized:
-        return "checkpoint"
+def resolve_quantization(requested: str, checkpoint: dict | None = None, memory_bytes: int | None = None) -> str:
+    """Turn the configured mode into the one applied: none | q4 | q8, or 'checkpoint-q4' style
+    for a checkpoint saved quantised (its own quantisation wins; nothing more is applied)."""
+    if checkpoint:
+        return f"checkpoint-q{checkpoint.get('bits', '?')}"
     if requested == "auto":
         mem = total_memory_bytes() if memory_bytes is None else memory_bytes
         return "q8" if mem >= AUTO_Q8_MIN_BYTES else "q4"

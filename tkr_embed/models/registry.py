@@ -135,7 +135,7 @@ def load_embedder(resolved: ResolvedModel, quantization: str = "auto", max_token
     """Worker thread only."""
     config = read_config(resolved.path)
     family = detect_family(config)
-    mode = resolve_quantization(quantization, already_quantized="quantization" in config)
+    mode = resolve_quantization(quantization, checkpoint=config.get("quantization"))
     start = time.perf_counter()
     try:
         if family == "qwen2_vl":
