@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
+.venv/bin/python -m pip --disable-pip-version-check -q install -r requirements-reference.txt
 # LiteLLM's proxy lives in its own environment (its pins clash with ours); the e2e test uses it.
 if [ ! -x .venv-litellm/bin/litellm ] || ! cmp -s requirements-litellm.txt .venv-litellm/requirements.txt; then
   rm -rf .venv-litellm

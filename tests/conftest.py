@@ -29,3 +29,14 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl")
 
 
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """An MLX worker thread for tests that drive models directly (all MLX calls go through it)."""
+    from tkr_embed.engine.worker import MLXWorker
+
+    w = MLXWorker()
+    w.start()
+    yield w
+    w.stop()

@@ -8,19 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from tkr_embed.engine.worker import MLXWorker
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.convert import convert
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
 from tests.helpers import ROOT, cosine
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = MLXWorker()
-    w.start()
-    yield w
-    w.stop()
 
 
 def vectors(worker, path, mode, items):

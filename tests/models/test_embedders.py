@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from tkr_embed.engine.media import decode_image
-from tkr_embed.engine.worker import MLXWorker
 from tkr_embed.models.base import EmbedItem, UnsupportedInput
 from tkr_embed.models.qwen2_vl import InputTooLong
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
@@ -15,12 +14,6 @@ from tkr_embed.models.registry import load_embedder, resolve_model_dir
 from tests.helpers import cosine, png_bytes
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = MLXWorker()
-    w.start()
-    yield w
-    w.stop()
 
 
 def _img(w, h, seed=0):

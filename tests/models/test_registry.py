@@ -50,3 +50,6 @@ def test_auto_quantization_follows_memory(mem, expected):
     assert resolve_quantization("auto", memory_bytes=mem) == expected
     assert resolve_quantization("none", memory_bytes=mem) == "none"
     assert resolve_quantization("auto", {"bits": 4, "group_size": 64}, memory_bytes=mem) == "checkpoint-q4"
+    # MLX's CPU backend: quantised matmuls are far slower than float32, so auto keeps full precision
+    assert resolve_quantization("auto", memory_bytes=mem, cpu_backend=True) == "none"
+    assert resolve_quantization("q4", memory_bytes=mem, cpu_backend=True) == "q4"

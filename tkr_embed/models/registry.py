@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .quantize import resolve_quantization
+from .quantize import on_cpu_backend, resolve_quantization
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def load_embedder(resolved: ResolvedModel, quantization: str = "auto", max_token
     """Worker thread only."""
     config = read_config(resolved.path)
     family = detect_family(config)
-    mode = resolve_quantization(quantization, checkpoint=config.get("quantization"))
+    mode = resolve_quantization(quantization, checkpoint=config.get("quantization"), cpu_backend=on_cpu_backend())
     start = time.perf_counter()
     try:
         if family == "qwen2_vl":

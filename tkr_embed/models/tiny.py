@@ -19,8 +19,18 @@ from .qwen_vocab import FIRST_SPECIAL_ID, QWEN2_VL_SPECIAL_TOKENS, write_qwen2_t
 VOCAB_SIZE = 151936  # Qwen2-VL's embedding rows (151,657 used tokens, padded)
 
 
+def mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (t, h, w) in Qwen2-VL's proportions (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
 def tiny_config(hidden: int = 64, layers: int = 2, vision_depth: int = 2) -> dict:
     heads = 4
+    if hidden % (2 * heads) or (hidden // heads) % 2:
+        raise ValueError(f"hidden must be a multiple of {2 * heads}")
     return {
         "architectures": ["Qwen2VLForConditionalGeneration"],
         "model_type": "qwen2_vl",
@@ -34,8 +44,7 @@ def tiny_config(hidden: int = 64, layers: int = 2, vision_depth: int = 2) -> dic
         "vocab_size": VOCAB_SIZE,
         "max_position_embeddings": 32768,
         "rope_theta": 1000000.0,
-        # head_dim 16 -> 8 rotary frequencies split over (t, h, w)
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_scaling": {"type": "mrope", "mrope_section": mrope_section(hidden // heads)},
         "tie_word_embeddings": True,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
