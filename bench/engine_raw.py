@@ -26,13 +26,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--words", type=int, default=12)
+    ap.add_argument("--compare-stock-gelu", action="store_true",
+                    help="also time each batch with MLX's own GELU (the CPU fast path off), same run")
     args = ap.parse_args()
     worker = MLXWorker()
     worker.start()
     emb = worker.call(load_embedder, resolve_model_dir(args.model), "none").embedder
-    out = []
-    for b in args.batch:
-        prepared = [emb.prepare(EmbedItem(text=make_text(i, args.words))) for i in range(b)]
+    fast_acts = [layer.intermediate.intermediate_act_fn for layer in emb.model.encoder.layer]
+
+    def set_stock(stock: bool) -> None:
+        import mlx.nn as nn
+
+        for layer, fast in zip(emb.model.encoder.layer, fast_acts):
+            layer.intermediate.intermediate_act_fn = nn.GELU() if stock else fast
+
+    def measure(prepared, b):
         worker.call(emb.forward, prepared)  # warm-up
         n, t0 = 0, time.perf_counter()
         times = []
@@ -42,8 +50,19 @@ def main() -> None:
             times.append(time.perf_counter() - s)
             n += b
         times.sort()
-        out.append({"batch": b, "items_per_s": round(n / (time.perf_counter() - t0), 1),
-                    "median_batch_ms": round(times[len(times) // 2] * 1000, 2)})
+        return round(n / (time.perf_counter() - t0), 1), round(times[len(times) // 2] * 1000, 2)
+
+    out = []
+    for b in args.batch:
+        prepared = [emb.prepare(EmbedItem(text=make_text(i, args.words))) for i in range(b)]
+        ips, ms = measure(prepared, b)
+        row = {"batch": b, "items_per_s": ips, "median_batch_ms": ms, "fast_gelu": emb.fast_ops}
+        if args.compare_stock_gelu and emb.fast_ops:
+            worker.call(set_stock, True)
+            row["stock_gelu_items_per_s"], row["stock_gelu_median_batch_ms"] = measure(prepared, b)
+            row["speedup"] = round(ips / row["stock_gelu_items_per_s"], 2)
+            worker.call(set_stock, False)
+        out.append(row)
     worker.stop()
     print(json.dumps({"model": emb.model_id, "blas": blas(), "cpu_count": os.cpu_count(),
                       "tokens_per_item": prepared[0].cost, "results": out}, indent=2))

@@ -41,17 +41,23 @@ class TextEncoderEmbedder:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.pad_id = int(config.get("pad_token_id", 0) or 0)
+        self.fast_ops = False  # polynomial GELU in place of scalar erf (CPU backend)
 
     @classmethod
     def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str) -> "TextEncoderEmbedder":
         """Worker thread only: builds MLX arrays."""
         from mlx_vlm.utils import load_model
 
-        from .quantize import apply_quantization
+        from .quantize import apply_quantization, on_cpu_backend
 
         model = load_model(model_dir)
         apply_quantization(model, quantization)
-        return cls(model_dir, model_id, config, model, quantization)
+        emb = cls(model_dir, model_id, config, model, quantization)
+        if on_cpu_backend():  # scalar erf is the CPU backend's biggest cost in BERT layers
+            from .fast_ops import use_fast_cpu_ops
+
+            emb.fast_ops = use_fast_cpu_ops(model) > 0
+        return emb
 
     def prepare(self, item: EmbedItem) -> Prepared:
         if item.images:
@@ -93,4 +99,5 @@ class TextEncoderEmbedder:
         return {
             "pooling": self.pooling_config,
             "checkpoint_normalizes": self.checkpoint_normalizes,
+            "cpu_fast_gelu": self.fast_ops,
         }
