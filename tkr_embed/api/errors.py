@@ -81,6 +81,15 @@ def _loc_to_param(loc: tuple) -> str:
     return out or "body"
 
 
+INTERNAL_ERROR_MESSAGE = "the server failed to process this request; the request id is in the logs"
+
+
+def log_unexpected(exc: BaseException, method: str | None, path: str | None, request_id: str) -> None:
+    """One line at ERROR (a stack trace may hold paths or data); the trace only at DEBUG."""
+    log.error("unhandled %s on %s %s (request %s)", type(exc).__name__, method, path, request_id)
+    log.debug("traceback for request %s", request_id, exc_info=exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -112,12 +121,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        # One line at ERROR (no stack trace, which may hold paths or data); the trace at DEBUG.
-        log.error("unhandled %s on %s %s (request %s)", type(exc).__name__, request.method,
-                  request.url.path, request_id_of(request))
-        log.debug("traceback for request %s", request_id_of(request), exc_info=exc)
-        return error_response(request, 500, "internal_error",
-                              "the server failed to process this request; the request id is in the logs")
+        log_unexpected(exc, request.method, request.url.path, request_id_of(request))
+        return error_response(request, 500, "internal_error", INTERNAL_ERROR_MESSAGE)
 
 
 def _int_reset(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
@@ -208,14 +213,11 @@ class RequestContextMiddleware:
                 await reject(413, "request_too_large", too_large)
         except Exception as exc:  # noqa: BLE001
             # Caught here, inside Starlette's ServerErrorMiddleware, which would re-raise it for
-            # the server to log with a stack trace. One line at ERROR; the trace at DEBUG.
-            log.error("unhandled %s on %s %s (request %s)", type(exc).__name__, scope.get("method"),
-                      scope.get("path"), rid)
-            log.debug("traceback for request %s", rid, exc_info=exc)
+            # the server to log with a stack trace.
+            log_unexpected(exc, scope.get("method"), scope.get("path"), rid)
             if not started:
                 status = 500
-                await reject(500, "internal_error",
-                             "the server failed to process this request; the request id is in the logs")
+                await reject(500, "internal_error", INTERNAL_ERROR_MESSAGE)
         finally:
             if self.stats is not None:
                 route = scope.get("route")

@@ -77,21 +77,20 @@ class MLXWorker:
         except Exception:  # noqa: BLE001 - memory stats are informational
             pass
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
-        """Run fn(*args) on the worker; await the returned future from the event loop."""
+    def _enqueue(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
         if self._stopped:
             raise WorkerStopped("the MLX worker has stopped")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((fn, args, fut))
-        return asyncio.wrap_future(fut)
+        return fut
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+        """Run fn(*args) on the worker; await the returned future from the event loop."""
+        return asyncio.wrap_future(self._enqueue(fn, args))
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
         """Blocking variant of submit, for code without an event loop (CLI, tests)."""
-        if self._stopped:
-            raise WorkerStopped("the MLX worker has stopped")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((fn, args, fut))
-        return fut.result(timeout)
+        return self._enqueue(fn, args).result(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._stopped:

@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...engine.media import ImageError, decode_base64_image
+from ...engine.media import ImageError
 from ...engine.service import EmbeddingService
 from ...models.base import EmbedItem
 from ..deps import check_text, count_items, decode_images, get_service, require_content_type, require_images, run_embedding
@@ -116,19 +116,19 @@ def _parse_parts(parts: list[dict], param: str) -> _Parsed:
     return _Parsed(text=" ".join(texts) if texts else None, images=images)
 
 
-async def _image_bytes(request: Request, service: EmbeddingService, parsed: list[_Parsed]) -> list[tuple[str, bytes]]:
-    limit = service.settings.limits.max_image_bytes
-    out = []
+async def _image_sources(request: Request, parsed: list[_Parsed]) -> list[tuple[str, bytes | str]]:
+    """data: URIs stay strings (decode_images base64-decodes them in the CPU pool, off the event
+    loop); http(s) URLs are fetched here (async I/O)."""
+    out: list[tuple[str, bytes | str]] = []
     for p in parsed:
         for param, url in p.images:
+            if url.startswith("data:"):
+                out.append((param, url))
+                continue
             try:
-                if url.startswith("data:"):
-                    out.append((param, decode_base64_image(url, limit)))
-                else:
-                    out.append((param, await request.app.state.image_fetcher.fetch(url, param)))
+                out.append((param, await request.app.state.image_fetcher.fetch(url, param)))
             except ImageError as e:
-                msg = str(e) if str(e).startswith(param) else f"{param}: {e}"
-                raise APIError(e.status, e.code, msg, param) from None
+                raise APIError(e.status, e.code, str(e), param) from None
     return out
 
 
@@ -156,7 +156,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request,
 
     items: list[EmbedItem] = []
     given_tokens: dict[int, int] = {}
-    images = iter(await decode_images(service, await _image_bytes(request, service, parsed)))
+    images = iter(await decode_images(service, await _image_sources(request, parsed)))
     for i, p in enumerate(parsed):
         if p.token_ids is not None:
             try:
