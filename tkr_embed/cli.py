@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         r = ks.add_parser(name, help=text)
         r.add_argument("id")
     k.set_defaults(func=cmd_keys)
+
+    from .benchmark import suite
+
+    b = sub.add_parser("bench", help="benchmark real server processes against the raw engine and peers",
+                       description=suite.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    suite.add_arguments(b)
+    b.set_defaults(func=suite.main)
     return p
 
 

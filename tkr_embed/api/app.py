@@ -112,8 +112,9 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
         if getattr(route, "path", None) in UNLIMITED_PATHS:
             limiter.exempt(route.endpoint)
     # add_middleware wraps: the last added runs first.
-    app.add_middleware(SlowAPIASGIMiddleware)
-    app.add_middleware(RateLimitContextMiddleware, settings=settings)
+    if settings.rate_limit.enabled:  # off: two middlewares less on every request
+        app.add_middleware(SlowAPIASGIMiddleware)
+        app.add_middleware(RateLimitContextMiddleware, settings=settings)
     app.add_middleware(AuthMiddleware, settings=settings, store=store)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.limits.max_body_bytes, stats=app.state.stats)
     return app

@@ -21,15 +21,15 @@ T = TypeVar("T")
 DISCONNECT_POLL_SECONDS = 0.1
 
 
-def get_service(request: Request) -> EmbeddingService:
+async def get_service(request: Request) -> EmbeddingService:  # async: no thread-pool hop (security.require)
     service: EmbeddingService | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         raise APIError(503, "service_unavailable", "the model is not loaded yet", headers={"Retry-After": "5"})
     return service
 
 
-def require_content_type(*accepted: str) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
+def require_content_type(*accepted: str) -> Callable[[Request], Awaitable[None]]:
+    async def check(request: Request) -> None:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in accepted:
             raise APIError(415, "unsupported_media_type",
@@ -63,6 +63,8 @@ async def read_upload(upload: UploadFile, max_bytes: int, param: str) -> bytes:
 
 async def decode_images(service: EmbeddingService, blobs: Sequence[tuple[str, bytes | str]]) -> list[DecodedImage]:
     """(param, raw bytes or base64 string) -> validated images, decoded in the CPU pool."""
+    if not blobs:  # text-only requests: no thread hop
+        return []
     lim = service.settings.limits
 
     def work() -> list[DecodedImage]:

@@ -16,7 +16,7 @@ import hmac
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 from urllib.parse import parse_qs
 
 import anyio
@@ -119,24 +119,30 @@ def principal_of(request: Request) -> Principal:
     return request.scope.get("state", {}).get("principal") or Principal()
 
 
-def require(*permissions: str, any_key: bool = False) -> Callable[[Request], Principal]:
-    """Route dependency: the caller must hold every permission listed (admin holds all).
-    any_key: a valid key of any permission is enough (e.g. /info)."""
-
-    def dependency(request: Request) -> Principal:
-        settings: Settings = request.app.state.settings
-        p = principal_of(request)
-        if not settings.security.require_api_key:
-            return p
-        if p.key_id is None:
-            reason = p.failure or "an API key is required (X-API-Key or Authorization: Bearer)"
-            raise APIError(401, "authentication_error", reason, headers={"WWW-Authenticate": "Bearer"})
-        if not any_key:
-            missing = [perm for perm in permissions if not grants(p.permissions, perm)]
-            if missing:
-                raise APIError(403, "permission_denied",
-                               f"this API key lacks the permission {', '.join(missing)}")
+def check_permissions(request: Request, *permissions: str, any_key: bool = False) -> Principal:
+    """The caller must hold every permission listed (admin holds all); any_key: a valid key of any
+    permission is enough (e.g. /info). Raises 401/403; returns the caller."""
+    settings: Settings = request.app.state.settings
+    p = principal_of(request)
+    if not settings.security.require_api_key:
         return p
+    if p.key_id is None:
+        reason = p.failure or "an API key is required (X-API-Key or Authorization: Bearer)"
+        raise APIError(401, "authentication_error", reason, headers={"WWW-Authenticate": "Bearer"})
+    if not any_key:
+        missing = [perm for perm in permissions if not grants(p.permissions, perm)]
+        if missing:
+            raise APIError(403, "permission_denied", f"this API key lacks the permission {', '.join(missing)}")
+    return p
+
+
+def require(*permissions: str, any_key: bool = False) -> Callable[[Request], Awaitable[Principal]]:
+    """Route dependency: check_permissions for these permissions.
+    async, like every dependency on the request path: FastAPI runs a plain `def` dependency in its
+    thread pool, a thread hand-off per request that cost more than a whole cache hit."""
+
+    async def dependency(request: Request) -> Principal:
+        return check_permissions(request, *permissions, any_key=any_key)
 
     return dependency
 

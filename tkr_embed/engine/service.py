@@ -7,6 +7,7 @@ resize images) -> batcher -> MLX worker -> normalise -> cache fill. Routes never
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import sys
@@ -91,6 +92,11 @@ class EmbeddingService:
         warm = EmbedItem(text="warm-up")
         prepared = await loop.run_in_executor(self.cpu_pool, emb.prepare, warm)
         await self._run_batch([prepared])
+        # Everything alive now (the model, the libraries) lives as long as the process: take it out
+        # of the garbage collector's view. Without this, each full collection walked millions of
+        # import-time objects and stalled the event loop for ~0.2 s (p95 at 64 clients: 250 ms).
+        gc.collect()
+        gc.freeze()
 
     async def stop(self) -> None:
         if self.batcher:

@@ -22,7 +22,7 @@ from ...models.base import EmbedItem
 from ..deps import check_text, count_items, decode_images, get_service, require_content_type, require_images, run_embedding
 from ..errors import APIError
 from ..responses import FastJSONResponse
-from ..security import principal_of, require
+from ..security import check_permissions, principal_of, require
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -150,7 +150,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request,
     # Permissions follow the content: text needs embed:text, any image needs embed:image.
     has_images = any(p.images for p in parsed)
     has_text = any(p.text is not None or p.token_ids is not None for p in parsed)
-    require(*(["embed:text"] if has_text else []), *(["embed:image"] if has_images else []))(request)
+    check_permissions(request, *(["embed:text"] if has_text else []), *(["embed:image"] if has_images else []))
     if has_images:
         require_images(service)
 

@@ -12,7 +12,7 @@ from ...models.base import EmbedItem
 from ..deps import check_item_count, check_text, count_items, decode_images, get_service, require_content_type, require_images, run_embedding
 from ..errors import APIError
 from ..responses import FastJSONResponse
-from ..security import require
+from ..security import check_permissions, require
 from ..schemas import MultimodalInput, SimilarityInput, SimilarityRequest, SimilarityResponse
 
 router = APIRouter(tags=["similarity"])
@@ -36,7 +36,7 @@ async def _to_items(request: Request, service: EmbeddingService, inputs: list[tu
             check_text(text, service, param)
     if blobs:
         require_images(service)
-        require("embed:image")(request)  # comparing images also needs the image permission
+        check_permissions(request, "embed:image")  # comparing images also needs the image permission
     images = iter(await decode_images(service, blobs)) if blobs else iter(())
     items = []
     for i, (param, value) in enumerate(inputs):

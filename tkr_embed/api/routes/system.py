@@ -9,7 +9,7 @@ from ...engine.service import EmbeddingService
 from ..deps import get_service
 from ..responses import FastJSONResponse
 from ..schemas import HealthResponse
-from ..security import require
+from ..security import check_permissions
 
 router = APIRouter(tags=["system"])
 
@@ -22,9 +22,9 @@ async def health(request: Request):
                             status_code=200 if loaded else 503)
 
 
-def _info_access(request: Request) -> None:
+async def _info_access(request: Request) -> None:
     if request.app.state.settings.security.info_requires_auth:
-        require(any_key=True)(request)
+        check_permissions(request, any_key=True)
 
 
 @router.get("/info", dependencies=[Depends(_info_access)])

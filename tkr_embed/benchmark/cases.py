@@ -1,0 +1,82 @@
+"""Benchmark workloads: what each request of a case sends (OpenAI-style /v1/embeddings bodies,
+which every system in the comparison accepts).
+
+Texts and images are unique per request (a counter is written into them), so the cache only
+answers in the `cache` case, which repeats one text on purpose.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Callable
+
+import orjson
+
+WORDS = ("latency throughput cache batching vector search local embedding server model token image "
+         "query passage retrieval agent memory index quantisation kernel").split()
+
+TEXT_CASES = ("short", "long", "cache", "mix")
+IMAGE_CASES = ("image", "fused")
+ALL_CASES = TEXT_CASES + IMAGE_CASES
+
+SHORT_WORDS = 12    # ~22 tokens with MiniLM's specials
+LONG_WORDS = 180    # ~200 tokens: near MiniLM's 256-token window
+
+
+def make_text(i: int, words: int) -> str:
+    return f"request {i}: " + " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(words))
+
+
+class ImageMaker:
+    """Small PNGs, each with the request number written into its pixels (so none is a cache hit)."""
+
+    def __init__(self, side: int = 128):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:side, 0:side]
+        base = np.stack([x * 2, y * 2, (x + y)], axis=-1) % 256
+        self._base = (base + rng.integers(0, 16, base.shape)).astype("uint8")
+
+    def data_uri(self, i: int) -> str:
+        from PIL import Image
+
+        px = self._base.copy()
+        px[0, :8, 0] = list((i >> (8 * k)) & 0xFF for k in range(8))
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, format="PNG", compress_level=1)
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_part(uri: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": uri}}
+
+
+def build_case(case: str, path: str, model: str) -> Callable[[int], tuple[str, bytes]]:
+    """request(i) -> (path, JSON body) for request number i of the case."""
+    images = ImageMaker() if case in IMAGE_CASES or case == "mix_images" else None
+
+    def body(inp) -> tuple[str, bytes]:
+        return path, orjson.dumps({"input": [inp], "model": model})
+
+    def one(kind: str, i: int):
+        if kind == "short":
+            return body(make_text(i, SHORT_WORDS))
+        if kind == "long":
+            return body(make_text(i, LONG_WORDS))
+        if kind == "cache":
+            return body(make_text(-1, SHORT_WORDS))
+        if kind == "image":
+            return body([_image_part(images.data_uri(i))])
+        if kind == "fused":
+            return body([{"type": "text", "text": make_text(i, SHORT_WORDS)}, _image_part(images.data_uri(i))])
+        raise ValueError(f"unknown case {kind!r}")
+
+    if case == "mix":
+        # Half short queries, a fifth long passages, a fifth repeats (cache hits), a tenth... short.
+        plan = ("short",) * 5 + ("long",) * 2 + ("cache",) * 2 + ("short",)
+        return lambda i: one(plan[i % len(plan)], i)
+    if case not in ALL_CASES:
+        raise ValueError(f"unknown case {case!r}; choose from {', '.join(ALL_CASES)}")
+    return lambda i: one(case, i)

@@ -1,0 +1,148 @@
+"""Closed-loop HTTP load generator: N concurrent keep-alive clients, each sending its next request
+as soon as the previous answer arrives, for a fixed duration. Runs in its own process.
+
+It speaks just enough HTTP/1.1 (pre-encoded requests, Content-Length or chunked answers) to cost
+far less CPU per request than a general client: the server and this generator share the machine,
+and at thousands of requests per second httpx alone would saturate a core and measure itself.
+
+    python -m tkr_embed.benchmark.loadgen --url http://127.0.0.1:8000 --case short \
+        --api openai --model NAME --concurrency 32 --duration 10
+prints one JSON object: requests/s, latency p50/p95/p99 (ms), errors and their first statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from urllib.parse import urlsplit
+
+from .cases import build_case
+
+
+class HTTPError(Exception):
+    pass
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            parts.append(chunk[:-2])
+        body = b"".join(parts)
+    else:
+        raise HTTPError("response without a length")
+    return status, body
+
+
+def encode_request(host: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode("latin-1") + body
+
+
+async def run_level(url: str, requests, concurrency: int, duration: float,
+                    headers: dict[str, str] | None = None, warmup: int = 1) -> dict:
+    """requests(i) -> (path, body bytes) for the i-th request of the run."""
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or 80
+    headers = headers or {}
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    first_error: list[str] = []
+    counter = iter(range(10**12))
+
+    async def one(reader, writer, i) -> tuple[int, bytes]:
+        path, body = requests(i)
+        writer.write(encode_request(host, path, body, headers))
+        return await read_response(reader)
+
+    start = asyncio.Event()
+    ready = 0
+    stop_at = [0.0]
+
+    async def client() -> None:
+        nonlocal ready
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for _ in range(warmup):  # connection set-up and first-request costs, not measured
+                await one(reader, writer, next(counter))
+            ready += 1
+            await start.wait()
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                status, body = await one(reader, writer, next(counter))
+                if status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if not first_error:
+                        first_error.append(body[:300].decode("utf-8", "replace"))
+        finally:
+            writer.close()
+
+    # Two phases: every connection opens and warms up, then the clock starts for all at once.
+    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
+    while ready < concurrency and not any(t.done() for t in tasks):
+        await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + duration
+    start.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = time.perf_counter() - t0
+    failures = [repr(r) for r in results if isinstance(r, BaseException)]
+    lat = sorted(latencies)
+
+    def q(p: float):
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
+
+    return {
+        "concurrency": concurrency, "requests": len(lat), "seconds": round(elapsed, 2),
+        "requests_per_s": round(len(lat) / elapsed, 1),
+        "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
+        "errors": sum(statuses.values()), "error_statuses": statuses,
+        "first_error": first_error[0] if first_error else None,
+        "client_failures": failures[:3],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--path", default="/v1/embeddings")
+    ap.add_argument("--case", default="short")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--api-key")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1])
+    ap.add_argument("--duration", type=float, default=10)
+    args = ap.parse_args(argv)
+    requests = build_case(args.case, args.path, args.model)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        import uvloop  # noqa: F401  (a cheaper event loop where installed)
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    out = [runner(run_level(args.url, requests, c, args.duration, headers)) for c in args.concurrency]
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The ceilings a server is measured against: batched forward passes with no HTTP, no queue, no cache.
+
+    python -m tkr_embed.benchmark.raw mlx   --model DIR --case short --batch 1 8 32 --seconds 5
+    python -m tkr_embed.benchmark.raw torch --model DIR --case short --batch 1 8 32 --seconds 5
+
+`mlx` is tkr-embed's own engine (the embedder's forward on the MLX worker thread); `torch` is the
+same model in transformers + torch (the references of tests/correctness). Inputs are prepared
+(tokenised, images decoded) before the clock starts: only the forward pass is timed. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+from .cases import LONG_WORDS, SHORT_WORDS, ImageMaker, make_text
+
+
+def case_inputs(case: str, n: int) -> list[tuple[str | None, bytes | None]]:
+    """(text, PNG bytes) for n distinct items of a case."""
+    images = ImageMaker() if case in ("image", "fused") else None
+
+    def png(i):
+        return base64.b64decode(images.data_uri(i).split(",", 1)[1])
+
+    if case == "short":
+        return [(make_text(i, SHORT_WORDS), None) for i in range(n)]
+    if case == "long":
+        return [(make_text(i, LONG_WORDS), None) for i in range(n)]
+    if case == "image":
+        return [(None, png(i)) for i in range(n)]
+    if case == "fused":
+        return [(make_text(i, SHORT_WORDS), png(i)) for i in range(n)]
+    raise ValueError(f"no raw measurement for case {case!r}")
+
+
+def time_batches(run: Callable[[], object], batch: int, seconds: float) -> dict:
+    run()  # warm-up (compilation, allocator)
+    times = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds or len(times) < 3:
+        s = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - s)
+    times.sort()
+    median = times[len(times) // 2]
+    return {"batch": batch, "items_per_s": round(batch / median, 1), "median_batch_ms": round(median * 1000, 2),
+            "runs": len(times)}
+
+
+def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None) -> dict:
+    import io
+
+    from PIL import Image
+
+    from ..blas import describe
+    from ..engine.worker import MLXWorker
+    from ..models.base import DecodedImage, EmbedItem
+    from ..models.registry import load_embedder, resolve_model_dir
+
+    worker = MLXWorker(device)
+    worker.start()
+    emb = worker.call(load_embedder, resolve_model_dir(model), "none").embedder
+    if dtype:
+        import mlx.core as mx
+
+        worker.call(lambda: emb.model.set_dtype(getattr(mx, dtype)))
+    rows = []
+    for b in batches:
+        items = []
+        for i, (text, png) in enumerate(case_inputs(case, b)):
+            imgs = ()
+            if png is not None:
+                imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),)
+            items.append(EmbedItem(text=text, images=imgs))
+        prepared = [emb.prepare(it) for it in items]
+        row = worker.call(time_batches, lambda: emb.forward(prepared), b, seconds)
+        row["tokens_per_item"] = max(p.cost for p in prepared)
+        rows.append(row)
+    worker.stop()
+    return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(), "results": rows}
+
+
+def torch_forward(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str) -> dict:
+    import io
+    import json as _json
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from ..models.registry import resolve_model_dir
+    from .torch_reference import Qwen2VLReference, SentenceTransformerReference
+
+    path = resolve_model_dir(model).path
+    torch.set_num_threads(os.cpu_count() or 1)
+    arch = _json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
+    if arch.startswith("qwen2"):
+        ref = Qwen2VLReference(path, device=device, dtype=dtype)
+        make = lambda data: ref.inputs([(t or "", [Image.open(io.BytesIO(p)).convert("RGB")] if p else [], None)  # noqa: E731
+                                        for t, p in data])
+    else:
+        if case not in ("short", "long"):
+            raise SystemExit(f"{arch} is a text model: no {case} case")
+        ref = SentenceTransformerReference(path)
+        ref.model.to(device)
+        make = lambda data: {k: v.to(device) for k, v in ref.inputs([t for t, _ in data]).items()}  # noqa: E731
+
+    def run(inputs):
+        out = ref.forward(inputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    rows = []
+    for b in batches:
+        inputs = make(case_inputs(case, b))
+        rows.append(time_batches(lambda: run(inputs), b, seconds))
+    return {"system": "torch", "model": str(path), "case": case, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": device, "results": rows}
+
+
+def best(result: dict) -> dict:
+    return max(result["results"], key=lambda r: r["items_per_s"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("system", choices=["mlx", "torch"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--case", default="short")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--device", default=None, help="mlx: auto|cpu|gpu; torch: cpu|cuda")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    args = ap.parse_args(argv)
+    if args.system == "mlx":
+        out = mlx_engine(args.model, args.case, args.batch, args.seconds, args.device or "auto", args.dtype)
+    else:
+        out = torch_forward(args.model, args.case, args.batch, args.seconds, args.device or "cpu",
+                            args.dtype or "float32")
+    out["best"] = best(out)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

