@@ -2,7 +2,7 @@
 
     python bench/engine_raw.py --batch 1 8 32 64 --seconds 8
 
-The ceiling the server's throughput is compared against (same texts as bench/http_load.py).
+The ceiling the server's throughput is compared against (same texts as the benchmark suite, tkr_embed/benchmark).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tkr_embed.engine.worker import MLXWorker
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
-from http_load import make_text  # noqa: E402  (same directory)
+from tkr_embed.benchmark.cases import make_text
 
 
 def main() -> None:

@@ -9,14 +9,6 @@ import sys
 from . import __version__
 
 
-def _setup_logging(level: str, file: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if file:
-        handlers.append(logging.FileHandler(file))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
-                        force=True)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import SettingsError, load_settings
 
@@ -28,7 +20,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as e:
         print(f"tkr-embed: {e}", file=sys.stderr)
         return 2
-    _setup_logging(settings.logging.level, settings.logging.file)
+    from .logs import setup_logging
+
+    lg = settings.logging
+    setup_logging(lg.level, lg.file, lg.format if lg.format != "auto" else
+                  "json" if settings.environment == "production" else "text")
     log = logging.getLogger("tkr_embed")
     from . import blas
 
@@ -44,19 +40,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 3
     import uvicorn
 
-    from .api.app import create_app
+    from .api.app import begin_drain, create_app
     from .engine.service import EmbeddingService
 
-    app = create_app(settings, EmbeddingService(settings, resolved))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # SIGTERM/SIGINT: /ready turns 503 at once; uvicorn stops accepting, lets in-flight
+            # requests (and so every queued item) finish within the grace period, then the
+            # lifespan stops the engine. A second signal forces the exit, as uvicorn does.
+            if not app.state.draining:
+                log.info("signal %s: draining (up to %.0f s for accepted requests)", sig,
+                         settings.server.shutdown_grace_seconds)
+            begin_drain(app)
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals once it has shut down, so the process would die
+            # "by SIGTERM" (-15) after a clean drain; our policy is exit 0 then (supervisors treat
+            # 0 as a requested stop). A second SIGINT still forces the exit (force_exit above).
+            self._captured_signals.clear()
+
+    def load_failed(exc: BaseException) -> None:
+        server.should_exit = True  # exit code 3 below: a model problem, not worth a restart loop
+
+    app = create_app(settings, EmbeddingService(settings, resolved), background_load=True,
+                     on_load_failure=load_failed)
     config = uvicorn.Config(
         app, host=settings.server.host, port=settings.server.port, log_level=settings.logging.level.lower(),
-        proxy_headers=True, forwarded_allow_ips=settings.server.forwarded_allow_ips, access_log=settings.debug,
-        timeout_graceful_shutdown=30,
+        proxy_headers=True, forwarded_allow_ips=settings.server.forwarded_allow_ips, access_log=False,  # ours: logs.py
+        timeout_graceful_shutdown=settings.server.shutdown_grace_seconds,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
-    # uvicorn returns normally when startup fails (e.g. the model cannot load): exit non-zero then.
-    return 0 if server.started else 3
+    # Exit codes (service files and watchdogs rely on them): 0 a clean stop (signal, drained);
+    # 2 bad settings; 3 the model cannot load (restarting will not help); 1 anything else.
+    if app.state.load_error or not server.started:
+        return 3
+    return 0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

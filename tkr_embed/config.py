@@ -24,6 +24,8 @@ class ServerSettings(_Section):
     # Trust X-Forwarded-* from these proxy addresses (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = "127.0.0.1"
     docs_enabled: bool = True
+    # On SIGTERM/SIGINT: stop accepting, then give queued and in-flight requests this long to finish.
+    shutdown_grace_seconds: float = Field(30, ge=0)
 
 
 class ModelSettings(_Section):
@@ -102,6 +104,9 @@ class SecuritySettings(_Section):
     allow_query_key: bool = False
     # /info needs a key (any permission) when auth is on.
     info_requires_auth: bool = True
+    # /metrics: "loopback" (open to 127.0.0.1/::1, an admin key from elsewhere), "admin" (always an
+    # admin key), or "open" (anyone who can reach the port; for a scraper on a private network).
+    metrics_access: Literal["loopback", "admin", "open"] = "loopback"
 
 
 class RateLimitSettings(_Section):
@@ -125,6 +130,10 @@ class RateLimitSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: str | None = None
+    # json: one JSON object per line; text: readable; auto: json in production, text otherwise.
+    format: Literal["auto", "json", "text"] = "auto"
+    # One line per request (logger tkr_embed.access, level INFO).
+    access: bool = True
 
 
 class Settings(_Section):

@@ -52,6 +52,7 @@ async def test_similarity_ranks_by_meaning(api):
 async def test_health_info_docs(api):
     client, _ = api
     assert (await client.get("/health")).json() == {"status": "healthy", "model_loaded": True}
+    assert (await client.get("/ready")).json()["ready"] is True
     info = (await client.get("/info")).json()
     assert info["model"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert info["model"]["modalities"] == ["text"] and info["model"]["dimension"] == 384

@@ -4,6 +4,8 @@ quantisation error."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -123,3 +125,21 @@ def test_image_preprocessing_matches_transformers(min_pixels, max_pixels, report
         worst = max(worst, diff)
         assert diff <= 1e-5, (w, h, diff)
     report.setdefault("image_preprocessing_max_abs_diff", {})[f"{min_pixels}-{max_pixels}"] = worst
+
+
+def test_checkpoint_saved_by_transformers_loads_and_matches(worker, model_dir, reference_vectors, tmp_path, report):
+    """A checkpoint that transformers >= 5 saved (text_config with rope_parameters, a vision tower
+    typed qwen2_vl_vision, model.language_model.* keys) loads and gives the same vectors."""
+    import shutil
+
+    saved = tmp_path / "saved-by-transformers"
+    reference_model = Qwen2VLReference(model_dir).model
+    reference_model.save_pretrained(saved)  # Qwen2VLModel: keys without the "model." prefix
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"):
+        shutil.copy(model_dir / name, saved / name)
+    cfg = json.loads((saved / "config.json").read_text())
+    assert "rope_parameters" in cfg.get("text_config", cfg) and cfg["vision_config"]["model_type"] == "qwen2_vl_vision"
+    ours = tkr_vectors(worker, saved)
+    cos = cosines(ours, reference_vectors)
+    report["qwen2_vl_transformers_saved"] = {"items": len(ITEMS), "min_cosine": float(cos.min())}
+    assert cos.min() >= 0.9999, dict(enumerate(cos.round(6)))

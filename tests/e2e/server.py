@@ -26,7 +26,8 @@ def tkr_embed_cmd(*args: str) -> list[str]:
 
 
 @contextmanager
-def running_server(*args: str, env: dict | None = None, timeout: float = 90):
+def running_server(*args: str, env: dict | None = None, timeout: float = 90, wait_for: str = "/ready"):
+    """Yields once wait_for answers 200 (/ready: loaded and warm; /health: the port is open)."""
     port = free_port()
     cmd = tkr_embed_cmd("serve", "--config", str(ROOT / "config.dev.yaml"), "--port", str(port), *args)
     full_env = {**os.environ, "EMBEDDING_LOG_LEVEL": "WARNING", **(env or {})}
@@ -38,12 +39,12 @@ def running_server(*args: str, env: dict | None = None, timeout: float = 90):
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
             try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                if httpx.get(base + wait_for, timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("server did not become healthy in time")
+                raise RuntimeError(f"server: {wait_for} did not answer 200 in time")
             time.sleep(0.2)
         yield base, proc
     finally:

@@ -34,12 +34,13 @@ from .security import (
     flush_usage_periodically,
     rate_limit_exceeded,
 )
+from .metrics import Metrics
 from .stats import RequestStats
 
 log = logging.getLogger(__name__)
 
 # Routes no rate limit applies to: liveness probes and documentation.
-UNLIMITED_PATHS = {"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+UNLIMITED_PATHS = {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 
 
 def announce_bootstrap_key(token: str) -> None:
@@ -56,11 +57,35 @@ def open_key_store(settings: Settings) -> KeyStore:
     return KeyStore(settings.database_url, secret.get_secret_value() if secret else None)
 
 
+def begin_drain(app: FastAPI) -> None:
+    """Shutdown has begun: /ready answers 503 so balancers stop sending; requests still finish."""
+    app.state.draining = True
+
+
 def create_app(settings: Settings, service: EmbeddingService | None = None,
-               announce: Callable[[str], None] = announce_bootstrap_key) -> FastAPI:
-    """Build the app. The service (and the model) start in the lifespan, before the first request."""
+               announce: Callable[[str], None] = announce_bootstrap_key,
+               background_load: bool = False,
+               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """Build the app. The service (and the model) start in the lifespan.
+
+    background_load=False: before the first request is accepted (in-process use, tests).
+    background_load=True (the server): the port opens at once, /health answers while the model
+    loads and /ready says 503 until it is loaded and warm; on_load_failure is called if it fails."""
     service = service or EmbeddingService(settings)
     store = open_key_store(settings) if settings.security.require_api_key else None
+
+    async def start_service(app: FastAPI) -> None:
+        try:
+            await service.start()
+        except BaseException as e:  # noqa: BLE001 - reported; the server exits through on_load_failure
+            app.state.load_error = f"{type(e).__name__}: {e}"
+            if not background_load or isinstance(e, asyncio.CancelledError):
+                raise
+            log.error("the model failed to load: %s", app.state.load_error)
+            if on_load_failure is not None:
+                on_load_failure(e)
+            return
+        app.state.service = service
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -70,11 +95,19 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
                 _, token = store.create("bootstrap-admin", ["admin"])
                 announce(token)
             flusher = asyncio.get_running_loop().create_task(flush_usage_periodically(store))
-        await service.start()
-        app.state.service = service
+        loading = None
+        if background_load:
+            loading = asyncio.get_running_loop().create_task(start_service(app), name="model-load")
+        else:
+            await start_service(app)
         try:
             yield
         finally:
+            app.state.draining = True
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loading
             app.state.service = None
             await service.stop()
             if flusher:
@@ -95,9 +128,15 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
-    app.state.service = None
+    app.state.service = None  # set once the model is loaded and warm: routes check this
+    app.state.engine = service  # the same object from the start (metrics, /ready's reasons)
+    app.state.draining = False
+    app.state.load_error = None
+    app.state.metrics = Metrics(app)
+    service.on_batch = app.state.metrics.observe_batch
     app.state.key_store = store
     app.state.stats = RequestStats()
+    app.state.stats.metrics = app.state.metrics
     app.state.image_fetcher = ImageFetcher(settings.image_urls)
     app.state.limiter = limiter = build_limiter(settings)
     install_error_handlers(app)
@@ -116,5 +155,6 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
         app.add_middleware(SlowAPIASGIMiddleware)
         app.add_middleware(RateLimitContextMiddleware, settings=settings)
     app.add_middleware(AuthMiddleware, settings=settings, store=store)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.limits.max_body_bytes, stats=app.state.stats)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.limits.max_body_bytes, stats=app.state.stats,
+                       access_log=settings.logging.access)
     return app

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("tkr_embed.access")  # one line per request (logs.py formats it)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -153,10 +154,11 @@ class RequestContextMiddleware:
     """Pure ASGI: assigns X-Request-ID (the client's when sane), caps the body size, and turns
     a body over the cap into a 413 envelope, whether or not Content-Length was sent."""
 
-    def __init__(self, app, max_body_bytes: int, stats=None):
+    def __init__(self, app, max_body_bytes: int, stats=None, access_log: bool = False):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.stats = stats
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -227,5 +229,14 @@ class RequestContextMiddleware:
             if self.stats is not None:
                 route = scope.get("route")
                 principal = scope["state"].get("principal")
-                self.stats.record(getattr(route, "path", "(unmatched)"), status, time.perf_counter() - t0,
-                                  getattr(principal, "items", 0))
+                path = getattr(route, "path", "(unmatched)")
+                seconds = time.perf_counter() - t0
+                items = getattr(principal, "items", 0)
+                self.stats.record(path, status, seconds, items)
+                if self.access_log and access_log.isEnabledFor(logging.INFO):
+                    key_id = getattr(principal, "key_id", None)
+                    access_log.info("%s %s %d %.1fms items=%d key=%s rid=%s", scope.get("method"), path, status,
+                                    seconds * 1000, items, key_id or "-", rid,
+                                    extra={"request_id": rid, "key_id": key_id, "method": scope.get("method"),
+                                           "route": path, "status": status, "items": items,
+                                           "latency_ms": round(seconds * 1000, 2)})

@@ -204,7 +204,7 @@ class RateLimitContextMiddleware:
 async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded):
     stats = getattr(request.app.state, "stats", None)
     if stats is not None:
-        stats.rate_limited += 1
+        stats.record_rate_limited()
     response = error_response(request, 429, "rate_limit_exceeded",
                               f"rate limit exceeded: {exc.detail}; retry after the Retry-After seconds")
     response = request.app.state.limiter._inject_headers(response, request.state.view_rate_limit)  # noqa: SLF001

@@ -15,11 +15,19 @@ class RequestStats:
         self.rate_limited = 0
         self._latencies: deque[float] = deque(maxlen=window)  # seconds, most recent requests
         self.by_user: Counter[tuple[str, str]] = Counter()  # (key id, OpenAI "user") -> items
+        self.metrics = None  # api.metrics.Metrics, when the app exports Prometheus metrics
 
     def record(self, route: str, status: int, seconds: float, items: int) -> None:
         self.by_route[(route, status)] += 1
         self.items += items
         self._latencies.append(seconds)
+        if self.metrics is not None:
+            self.metrics.observe_request(route, status, seconds)
+
+    def record_rate_limited(self) -> None:
+        self.rate_limited += 1
+        if self.metrics is not None:
+            self.metrics.rate_limited.inc()
 
     def record_user(self, key_id: str | None, user: str, items: int) -> None:
         if len(self.by_user) < 100_000 or (key_id or "anonymous", user) in self.by_user:

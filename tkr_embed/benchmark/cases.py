@@ -53,9 +53,9 @@ def _image_part(uri: str) -> dict:
     return {"type": "image_url", "image_url": {"url": uri}}
 
 
-def build_case(case: str, path: str, model: str) -> Callable[[int], tuple[str, bytes]]:
+def build_case(case: str, path: str, model: str, image_side: int = 128) -> Callable[[int], tuple[str, bytes]]:
     """request(i) -> (path, JSON body) for request number i of the case."""
-    images = ImageMaker() if case in IMAGE_CASES or case == "mix_images" else None
+    images = ImageMaker(image_side) if case in IMAGE_CASES else None
 
     def body(inp) -> tuple[str, bytes]:
         return path, orjson.dumps({"input": [inp], "model": model})
@@ -74,7 +74,7 @@ def build_case(case: str, path: str, model: str) -> Callable[[int], tuple[str, b
         raise ValueError(f"unknown case {kind!r}")
 
     if case == "mix":
-        # Half short queries, a fifth long passages, a fifth repeats (cache hits), a tenth... short.
+        # Six in ten short queries, two long passages, two repeats (cache hits).
         plan = ("short",) * 5 + ("long",) * 2 + ("cache",) * 2 + ("short",)
         return lambda i: one(plan[i % len(plan)], i)
     if case not in ALL_CASES:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import sys
 import time
 from urllib.parse import urlsplit
@@ -66,7 +68,9 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     first_error: list[str] = []
-    counter = iter(range(10**12))
+    # Request numbers go into the texts and images: they must never repeat against one server, or
+    # the cache answers. A random 12-digit base per level (same digit count: same token count).
+    counter = itertools.count(random.randrange(10**11, 9 * 10**11))
 
     async def one(reader, writer, i) -> tuple[int, bytes]:
         path, body = requests(i)
@@ -131,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1])
     ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--image-side", type=int, default=128)
     args = ap.parse_args(argv)
-    requests = build_case(args.case, args.path, args.model)
+    requests = build_case(args.case, args.path, args.model, args.image_side)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         import uvloop  # noqa: F401  (a cheaper event loop where installed)

@@ -21,21 +21,23 @@ from typing import Callable
 from .cases import LONG_WORDS, SHORT_WORDS, ImageMaker, make_text
 
 
-def case_inputs(case: str, n: int) -> list[tuple[str | None, bytes | None]]:
+def case_inputs(case: str, n: int, image_side: int = 128) -> list[tuple[str | None, bytes | None]]:
     """(text, PNG bytes) for n distinct items of a case."""
-    images = ImageMaker() if case in ("image", "fused") else None
+    base = 10**11  # the load generator's request numbers have 12 digits too (same token counts)
+    images = ImageMaker(image_side) if case in ("image", "fused") else None
 
     def png(i):
         return base64.b64decode(images.data_uri(i).split(",", 1)[1])
 
+    ids = range(base, base + n)
     if case == "short":
-        return [(make_text(i, SHORT_WORDS), None) for i in range(n)]
+        return [(make_text(i, SHORT_WORDS), None) for i in ids]
     if case == "long":
-        return [(make_text(i, LONG_WORDS), None) for i in range(n)]
+        return [(make_text(i, LONG_WORDS), None) for i in ids]
     if case == "image":
-        return [(None, png(i)) for i in range(n)]
+        return [(None, png(i)) for i in ids]
     if case == "fused":
-        return [(make_text(i, SHORT_WORDS), png(i)) for i in range(n)]
+        return [(make_text(i, SHORT_WORDS), png(i)) for i in ids]
     raise ValueError(f"no raw measurement for case {case!r}")
 
 
@@ -53,7 +55,8 @@ def time_batches(run: Callable[[], object], batch: int, seconds: float) -> dict:
             "runs": len(times)}
 
 
-def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None) -> dict:
+def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None,
+               image_side: int = 128) -> dict:
     import io
 
     from PIL import Image
@@ -73,7 +76,7 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
     rows = []
     for b in batches:
         items = []
-        for i, (text, png) in enumerate(case_inputs(case, b)):
+        for i, (text, png) in enumerate(case_inputs(case, b, image_side)):
             imgs = ()
             if png is not None:
                 imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),)
@@ -82,11 +85,12 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
         row = worker.call(time_batches, lambda: emb.forward(prepared), b, seconds)
         row["tokens_per_item"] = max(p.cost for p in prepared)
         rows.append(row)
-    worker.stop()
+        print(f"batch {b}: {row}", file=sys.stderr, flush=True)
     return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(), "results": rows}
 
 
-def torch_forward(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str) -> dict:
+def torch_forward(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str,
+                  image_side: int = 128) -> dict:
     import io
     import json as _json
     from pathlib import Path
@@ -119,7 +123,7 @@ def torch_forward(model: str, case: str, batches: list[int], seconds: float, dev
 
     rows = []
     for b in batches:
-        inputs = make(case_inputs(case, b))
+        inputs = make(case_inputs(case, b, image_side))
         rows.append(time_batches(lambda: run(inputs), b, seconds))
     return {"system": "torch", "model": str(path), "case": case, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": device, "results": rows}
@@ -138,15 +142,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--device", default=None, help="mlx: auto|cpu|gpu; torch: cpu|cuda")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    ap.add_argument("--image-side", type=int, default=128)
     args = ap.parse_args(argv)
     if args.system == "mlx":
-        out = mlx_engine(args.model, args.case, args.batch, args.seconds, args.device or "auto", args.dtype)
+        out = mlx_engine(args.model, args.case, args.batch, args.seconds, args.device or "auto", args.dtype,
+                         args.image_side)
     else:
         out = torch_forward(args.model, args.case, args.batch, args.seconds, args.device or "cpu",
-                            args.dtype or "float32")
+                            args.dtype or "float32", args.image_side)
     out["best"] = best(out)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    # The process ends here without tearing MLX down: on MLX-CUDA 0.32.4 the interpreter's exit,
+    # with the worker thread still holding its stream, aborted ("terminate called without an
+    # active exception") after the results were complete.
+    os._exit(0)
 
 
 if __name__ == "__main__":

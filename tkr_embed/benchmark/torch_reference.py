@@ -24,7 +24,10 @@ class Qwen2VLReference:
     def __init__(self, model_dir, min_pixels=None, max_pixels=None, device="cpu", dtype="float32"):
         import torch
         from transformers import AutoTokenizer, Qwen2VLModel
-        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+        try:
+            from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+        except ImportError:  # transformers < 5.2x: the PIL processor had the plain name
+            from transformers.models.qwen2_vl import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
         self.torch = torch
         self.device = device

@@ -71,8 +71,10 @@ def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_i
 
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch_tokens: int, max_batch_items: int,
-                 max_queue_items: int, retry_after_seconds: int = 1):
+                 max_queue_items: int, retry_after_seconds: int = 1,
+                 on_batch: Callable[[int], None] | None = None):
         self._run_batch = run_batch
+        self._on_batch = on_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
         self.max_queue_items = max_queue_items
@@ -165,6 +167,8 @@ class Batcher:
         self.batches_run += 1
         self.items_run += len(batch)
         self.recent_batch_sizes.append(len(batch))
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
         self.real_tokens += sum(p.cost for p in prepared)
         self.padded_tokens += max(p.cost for p in prepared) * len(prepared)
         for e, vec in zip(batch, vectors):

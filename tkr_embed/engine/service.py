@@ -12,9 +12,10 @@ import logging
 import resource
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -68,6 +69,10 @@ class EmbeddingService:
         self.loaded: LoadedModel | None = None
         self.batcher: Batcher | None = None
         self.started_at = time.time()
+        # Read by /metrics and /admin/stats (event-loop thread only, so plain counters).
+        self.items_by_modality: Counter[str] = Counter()
+        self.tokens_total = 0
+        self.on_batch: Callable[[int], None] | None = None  # observer of each forward pass's size
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -86,7 +91,7 @@ class EmbeddingService:
                  emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
         e = self.settings.engine
         self.batcher = Batcher(self._run_batch, e.max_batch_tokens, e.max_batch_items,
-                               e.max_queue_items, e.retry_after_seconds)
+                               e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch)
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request.
         warm = EmbedItem(text="warm-up")
@@ -203,6 +208,9 @@ class EmbeddingService:
                 for idx in idxs:
                     out[idx] = vec
         truncated = [f > t for t, f in zip(tokens, full)]
+        for it in items:
+            self.items_by_modality["+".join(sorted(it.modalities))] += 1
+        self.tokens_total += sum(tokens)
         return EmbedResult(np.stack(out).astype(np.float32, copy=False), cached, tokens, truncated)
 
     # ---- introspection ---------------------------------------------------------------------

@@ -33,6 +33,7 @@ class MLXWorker:
         self.busy_seconds = 0.0
         self.jobs_run = 0
         self.memory: dict[str, int] = {}  # refreshed after each job; read by /info without MLX calls
+        self.job_started_at: float | None = None  # monotonic time the running job began (None: idle)
 
     def start(self) -> None:
         self._thread.start()
@@ -56,6 +57,7 @@ class MLXWorker:
             if not fut.set_running_or_notify_cancel():
                 continue
             start = time.perf_counter()
+            self.job_started_at = time.monotonic()
             try:
                 result = fn(*args)
             except BaseException as e:  # noqa: BLE001 - delivered to the awaiting coroutine
@@ -63,9 +65,19 @@ class MLXWorker:
             else:
                 fut.set_result(result)
             finally:
+                self.job_started_at = None
                 self.busy_seconds += time.perf_counter() - start
                 self.jobs_run += 1
                 self._record_memory(mx)
+
+    def stalled(self, limit_seconds: float) -> str | None:
+        """Why the worker cannot take work (dead, or one job running past the limit), or None."""
+        if self._stopped or not self._thread.is_alive():
+            return "the MLX worker is not running"
+        started = self.job_started_at
+        if started is not None and time.monotonic() - started > limit_seconds:
+            return f"the MLX worker has been running one job for over {limit_seconds:.0f} s"
+        return None
 
     def _record_memory(self, mx) -> None:
         try:

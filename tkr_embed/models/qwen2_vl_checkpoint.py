@@ -22,6 +22,17 @@ def normalise_config(config: dict) -> dict:
                 cfg[k] = v
         cfg.pop("text_config")
     cfg["model_type"] = "qwen2_vl"
+    # transformers >= 5 writes RoPE settings as rope_parameters (no rope_scaling / rope_theta).
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_scaling" not in cfg and "mrope_section" in rope:
+            cfg["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
+        if "rope_theta" not in cfg and "rope_theta" in rope:
+            cfg["rope_theta"] = rope["rope_theta"]
+    # ... and names the vision tower's type qwen2_vl_vision, which mlx-vlm knows as qwen2_vl.
+    vision = cfg.get("vision_config")
+    if isinstance(vision, dict) and vision.get("model_type") == "qwen2_vl_vision":
+        cfg["vision_config"] = {**vision, "model_type": "qwen2_vl"}
     return cfg
 
 

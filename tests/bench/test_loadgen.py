@@ -1,0 +1,59 @@
+"""The benchmark's load generator against a real socket server: it must parse both response
+framings, count errors, and never repeat a request body against one server (or the cache answers
+and the benchmark measures the wrong thing: this happened once)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tkr_embed.benchmark.cases import build_case
+from tkr_embed.benchmark.loadgen import run_level
+
+
+async def serve(bodies: list[bytes], chunked: bool, status: int = 200):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+                bodies.append(await reader.readexactly(length))
+                payload = b'{"ok": true}'
+                if chunked:
+                    writer.write(b"HTTP/1.1 %d X\r\nTransfer-Encoding: chunked\r\n\r\n" % status
+                                 + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+                else:
+                    writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(payload), payload))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_levels_never_repeat_a_request_and_both_framings_parse():
+    for chunked in (False, True):
+        bodies: list[bytes] = []
+        server, url = await serve(bodies, chunked)
+        requests = build_case("short", "/v1/embeddings", "m")
+        first = await run_level(url, requests, concurrency=4, duration=0.3)
+        second = await run_level(url, requests, concurrency=4, duration=0.3)
+        server.close()
+        assert first["requests"] > 10 and second["requests"] > 10 and first["errors"] == 0
+        texts = [json.loads(b)["input"][0] for b in bodies]
+        assert len(set(texts)) == len(texts), "a request text repeated: the cache would answer it"
+
+
+async def test_errors_are_counted_not_timed():
+    bodies: list[bytes] = []
+    server, url = await serve(bodies, chunked=False, status=503)
+    result = await run_level(url, build_case("cache", "/v1/embeddings", "m"), concurrency=2, duration=0.2)
+    server.close()
+    assert result["requests"] == 0 and result["errors"] > 0 and result["error_statuses"] == {503: result["errors"]}
+
+
+def test_image_cases_send_distinct_images():
+    req = build_case("fused", "/v1/embeddings", "m", image_side=32)
+    a, b = (json.loads(req(i)[1])["input"][0] for i in (10**11, 10**11 + 1))
+    assert a[1]["image_url"]["url"] != b[1]["image_url"]["url"] and a[0]["text"] != b[0]["text"]

@@ -1,0 +1,94 @@
+"""Prometheus metrics (/metrics).
+
+Two kinds: request metrics, updated as each request ends (RequestContextMiddleware -> RequestStats
+-> here), and engine metrics, read from the service's own counters when Prometheus scrapes (a
+collector: nothing on the hot path). One registry per app, so several apps in one process (tests)
+never share series.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, app: "FastAPI"):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("tkr_requests", "HTTP requests by route template and status.",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("tkr_request_duration_seconds", "Request latency, first byte in to last byte out.",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.rate_limited = Counter("tkr_rate_limit_rejections", "Requests refused by a rate limit (429).",
+                                    registry=self.registry)
+        self.batch_size = Histogram("tkr_batch_size", "Items per forward pass.", buckets=BATCH_BUCKETS,
+                                    registry=self.registry)
+        self.registry.register(_EngineCollector(app))
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def observe_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+
+class _EngineCollector(Collector):
+    """The service's counters, read at scrape time."""
+
+    def __init__(self, app: "FastAPI"):
+        self.app = app
+
+    def collect(self):
+        service = getattr(self.app.state, "engine", None)  # set even while loading
+        draining = bool(getattr(self.app.state, "draining", False))
+        ready = GaugeMetricFamily("tkr_ready", "1 when the model is loaded, warmed up and not draining.")
+        ready.add_metric([], 1.0 if service is not None and service.ready and not draining else 0.0)
+        yield ready
+        if service is None:
+            return
+        items = CounterMetricFamily("tkr_items_embedded", "Items embedded (cache hits included), by modality.",
+                                    labels=["modality"])
+        for modality, n in sorted(service.items_by_modality.items()):
+            items.add_metric([modality], n)
+        yield items
+        yield CounterMetricFamily("tkr_tokens", "Tokens of embedded items (image tokens included).",
+                                  value=service.tokens_total)
+        cache = service.cache
+        yield CounterMetricFamily("tkr_cache_hits", "Embedding cache hits.", value=cache.hits)
+        yield CounterMetricFamily("tkr_cache_misses", "Embedding cache misses.", value=cache.misses)
+        yield GaugeMetricFamily("tkr_cache_entries", "Vectors held by the cache.", value=cache.stats()["size"])
+        worker = service.worker
+        yield CounterMetricFamily("tkr_worker_busy_seconds", "Time the MLX worker spent running jobs.",
+                                  value=worker.busy_seconds)
+        for key, name in (("active_bytes", "tkr_mlx_memory_active_bytes"), ("peak_bytes", "tkr_mlx_memory_peak_bytes"),
+                          ("cache_bytes", "tkr_mlx_memory_cache_bytes")):
+            if key in worker.memory:
+                yield GaugeMetricFamily(name, f"MLX memory: {key.replace('_', ' ')}.", value=worker.memory[key])
+        if service.batcher is not None:
+            b = service.batcher
+            yield GaugeMetricFamily("tkr_queue_depth", "Items waiting for the worker.", value=b.depth)
+            yield CounterMetricFamily("tkr_items_dropped", "Queued items dropped because their client left.",
+                                      value=b.items_dropped)
+            yield CounterMetricFamily("tkr_padded_tokens", "Tokens computed including padding.", value=b.padded_tokens)
+        if service.loaded is not None:
+            load = GaugeMetricFamily("tkr_model_load_seconds", "How long the model took to load.", labels=["model"])
+            load.add_metric([service.model_id], service.loaded.load_seconds)
+            yield load
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
