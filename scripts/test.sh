@@ -13,6 +13,14 @@ if [ ! -x .venv-litellm/bin/litellm ] || ! cmp -s requirements-litellm.txt .venv
   cp requirements-litellm.txt .venv-litellm/requirements.txt
 fi
 export TKR_LITELLM_PROXY="$PWD/.venv-litellm/bin/litellm"
+# A real browser for the console test: Debian's chromium (Playwright drives it; no browser download).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = "0" ] || SUDO="sudo -n"
+  $SUDO apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq chromium >/dev/null 2>&1; } \
+    || echo "warning: could not install chromium; the console browser test will be skipped" >&2
+fi
+if command -v chromium >/dev/null; then export TKR_CHROMIUM="$(command -v chromium)"; fi
 # Preload OpenBLAS for MLX in this process and the servers the tests start.
 eval "$(.venv/bin/python - <<'PY'
 import shlex

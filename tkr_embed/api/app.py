@@ -26,7 +26,7 @@ from ..config import Settings
 from ..engine.fetch import ImageFetcher
 from ..engine.service import EmbeddingService
 from .errors import RequestContextMiddleware, install_error_handlers
-from .routes import admin, embed, openai, similarity, system
+from .routes import admin, console, embed, openai, similarity, system
 from .security import (
     AuthMiddleware,
     RateLimitContextMiddleware,
@@ -40,7 +40,7 @@ from .stats import RequestStats
 log = logging.getLogger(__name__)
 
 # Routes no rate limit applies to: liveness probes and documentation.
-UNLIMITED_PATHS = {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+UNLIMITED_PATHS = {"/health", "/ready", "/metrics", "/console", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 
 
 def announce_bootstrap_key(token: str) -> None:
@@ -141,7 +141,7 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
     app.state.limiter = limiter = build_limiter(settings)
     install_error_handlers(app)
     app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)
-    for module in (system, embed, similarity, openai, admin):
+    for module in (system, embed, similarity, openai, admin, console):
         # The routes themselves, not include_router: FastAPI >= 0.16x wraps included routers in
         # one opaque route, and slowapi finds a request's endpoint by scanning app.routes (a
         # wrapped endpoint is not found and would never be rate limited). The routers' prefixes
