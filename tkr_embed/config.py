@@ -44,6 +44,8 @@ class ModelSettings(_Section):
     min_pixels: int | None = Field(None, ge=28 * 28)
     max_pixels: int | None = Field(None, ge=28 * 28)
     download_dir: str | None = None
+    # Loaded at start and never evicted (the default model always is); False: loaded on first use.
+    preload: bool = True
 
 
 class EngineSettings(_Section):
@@ -136,11 +138,20 @@ class LoggingSettings(_Section):
     access: bool = True
 
 
+class PoolSettings(_Section):
+    # MLX memory the models may hold together; past it, the least recently used idle model that is
+    # not preloaded is unloaded before another loads. None: no budget.
+    memory_budget_mb: float | None = Field(None, gt=0)
+
+
 class Settings(_Section):
     environment: Literal["development", "production", "testing"] = "production"
     debug: bool = False
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
+    # More models served beside `model` (the default), each addressed by its name or an alias.
+    models: list[ModelSettings] = []
+    pool: PoolSettings = PoolSettings()
     engine: EngineSettings = EngineSettings()
     cache: CacheSettings = CacheSettings()
     limits: LimitSettings = LimitSettings()

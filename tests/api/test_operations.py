@@ -14,13 +14,16 @@ from tests.helpers import make_settings
 from tkr_embed.api.app import begin_drain, create_app
 from tkr_embed.engine.service import EmbeddingService
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
 
 def sample(text: str, name: str, **labels) -> float:
-    """The value of one series in Prometheus text format (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? ([0-9.e+-]+)$" if labels else rf"^{re.escape(name)} ([0-9.e+-]+)$"
-    m = re.search(pattern, text, re.M)
-    return float(m.group(1)) if m else 0.0
+    """The value of one series in Prometheus text format (0 when absent); labels in any order."""
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if m and dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or "")) == {k: str(v) for k, v in labels.items()}:
+            return float(m.group(2))
+    return 0.0
 
 
 async def test_ready_flips_during_load_and_drain_and_metrics_move():
@@ -52,14 +55,14 @@ async def test_ready_flips_during_load_and_drain_and_metrics_move():
                 sample(before, "tkr_requests_total", route=route, status="200") == 6
             assert sample(after, "tkr_requests_total", route=route, status="400") >= 1
             assert sample(after, "tkr_request_duration_seconds_count", route=route) >= 7
-            assert sample(after, "tkr_items_embedded_total", modality="text") - \
-                sample(before, "tkr_items_embedded_total", modality="text") == 6
-            assert sample(after, "tkr_cache_hits_total") - sample(before, "tkr_cache_hits_total") == 1
+            assert sample(after, "tkr_items_embedded_total", model=MINILM, modality="text") - \
+                sample(before, "tkr_items_embedded_total", model=MINILM, modality="text") == 6
+            assert sample(after, "tkr_cache_hits_total", model=MINILM) - sample(before, "tkr_cache_hits_total", model=MINILM) == 1
             assert sample(after, "tkr_batch_size_sum") - sample(before, "tkr_batch_size_sum") == 5  # computed items
-            assert sample(after, "tkr_tokens_total") > sample(before, "tkr_tokens_total")
+            assert sample(after, "tkr_tokens_total", model=MINILM) > sample(before, "tkr_tokens_total", model=MINILM)
             assert sample(after, "tkr_worker_busy_seconds_total") > 0
             assert sample(after, "tkr_mlx_memory_peak_bytes") > 0
-            assert sample(after, "tkr_model_load_seconds", model="sentence-transformers/all-MiniLM-L6-v2") > 0
+            assert sample(after, "tkr_model_load_seconds", model=MINILM) > 0
             assert sample(after, "tkr_queue_depth") == 0 and sample(after, "tkr_ready") == 1
 
             begin_drain(app)  # what SIGTERM does first

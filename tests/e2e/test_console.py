@@ -53,7 +53,7 @@ def test_console_manages_keys_shows_stats_and_compares(browser, tmp_path):
         # A wrong key: the API's own message is shown.
         page.fill("#admin-key", "tke_wrong")
         page.click("#use-key")
-        page.wait_for_function("document.querySelector('#status').className === 'error'")
+        page.wait_for_selector("#status.error")  # (selectors: the page's CSP forbids eval)
 
         # Keys: create one (its secret shown once), see it listed, then revoke it.
         page.fill("#admin-key", admin)
@@ -88,7 +88,7 @@ def test_console_manages_keys_shows_stats_and_compares(browser, tmp_path):
         page.set_input_files("#files", str(img))
         page.wait_for_selector("#images img")
         page.click("#compare")
-        page.wait_for_function("document.querySelector('#status').className === 'error'")
+        page.wait_for_selector("#status.error")  # (selectors: the page's CSP forbids eval)
         assert "image" in page.text_content("#status").lower()
 
         # Stats: live numbers from /admin/stats, with the traffic above in them.

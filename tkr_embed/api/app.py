@@ -24,6 +24,7 @@ from .. import __version__
 from ..auth.store import KeyStore
 from ..config import Settings
 from ..engine.fetch import ImageFetcher
+from ..engine.pool import ModelPool
 from ..engine.service import EmbeddingService
 from .errors import RequestContextMiddleware, install_error_handlers
 from .routes import admin, console, embed, openai, similarity, system
@@ -86,6 +87,10 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
                 on_load_failure(e)
             return
         app.state.service = service
+        try:  # then the other preloaded models of the pool (the default already serves meanwhile)
+            await app.state.pool.start_preloaded()
+        except Exception as e:  # noqa: BLE001 - the default model serves; the failure is logged and reported
+            log.error("a preloaded model failed to load: %s", e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -109,6 +114,7 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await loading
             app.state.service = None
+            await app.state.pool.stop()
             await service.stop()
             if flusher:
                 flusher.cancel()
@@ -130,6 +136,7 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
     app.state.settings = settings
     app.state.service = None  # set once the model is loaded and warm: routes check this
     app.state.engine = service  # the same object from the start (metrics, /ready's reasons)
+    app.state.pool = ModelPool(settings, service)  # the default model and settings.models
     app.state.draining = False
     app.state.load_error = None
     app.state.metrics = Metrics(app)

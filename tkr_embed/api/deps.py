@@ -11,7 +11,7 @@ from fastapi import Request, UploadFile
 
 from ..engine.batcher import QueueFull
 from ..engine.media import ImageError, decode_base64_image, decode_image
-from ..engine.service import EmbeddingService, ModalityNotSupported, TooManyTokens
+from ..engine.service import EmbeddingService, ModalityNotSupported, ModelUnloaded, TooManyTokens
 from ..models.base import DecodedImage, UnsupportedInput
 from ..models.qwen2_vl import InputTooLong
 from ..models.qwen2_vl_image import ImageShapeError
@@ -26,6 +26,25 @@ async def get_service(request: Request) -> EmbeddingService:  # async: no thread
     if service is None or not service.ready:
         raise APIError(503, "service_unavailable", "the model is not loaded yet", headers={"Retry-After": "5"})
     return service
+
+
+async def service_for(request: Request, name: str | None, param: str = "model") -> EmbeddingService:
+    """The service of the model a request names (None: the default), loaded on first use."""
+    from ..engine.pool import OverBudget, UnknownModel
+    from ..models.registry import ModelLoadError
+
+    pool = request.app.state.pool
+    try:
+        if name is None or pool.entry(name) is pool.entries[0]:
+            return await get_service(request)
+        return await pool.get(name)
+    except UnknownModel:
+        raise APIError(404, "model_not_found", f"the model '{name}' is not served here; served: "
+                       f"{', '.join(pool.served_names())}", param) from None
+    except OverBudget as e:
+        raise APIError(503, "model_unavailable", str(e), param, headers={"Retry-After": "10"}) from None
+    except ModelLoadError as e:
+        raise APIError(503, "model_unavailable", f"the model '{name}' could not be loaded: {e}", param) from None
 
 
 def require_content_type(*accepted: str) -> Callable[[Request], Awaitable[None]]:
@@ -104,6 +123,8 @@ async def run_embedding(request: Request, call: Callable[[], Awaitable[T]]) -> T
         raise APIError(400, "invalid_image", str(e)) from None
     except UnsupportedInput as e:
         raise APIError(400, "invalid_request", str(e)) from None
+    except ModelUnloaded as e:
+        raise APIError(503, "model_unavailable", str(e), headers={"Retry-After": "1"}) from None
     finally:
         if not task.done():
             task.cancel()

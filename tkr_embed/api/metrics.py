@@ -57,17 +57,27 @@ class _EngineCollector(Collector):
         yield ready
         if service is None:
             return
-        items = CounterMetricFamily("tkr_items_embedded", "Items embedded (cache hits included), by modality.",
-                                    labels=["modality"])
-        for modality, n in sorted(service.items_by_modality.items()):
-            items.add_metric([modality], n)
-        yield items
-        yield CounterMetricFamily("tkr_tokens", "Tokens of embedded items (image tokens included).",
-                                  value=service.tokens_total)
-        cache = service.cache
-        yield CounterMetricFamily("tkr_cache_hits", "Embedding cache hits.", value=cache.hits)
-        yield CounterMetricFamily("tkr_cache_misses", "Embedding cache misses.", value=cache.misses)
-        yield GaugeMetricFamily("tkr_cache_entries", "Vectors held by the cache.", value=cache.stats()["size"])
+        pool = getattr(self.app.state, "pool", None)
+        services = [e.service for e in pool.entries if e.loaded] if pool is not None else []
+        services = services or ([service] if service.ready else [])
+        items = CounterMetricFamily("tkr_items_embedded", "Items embedded (cache hits included), by model and modality.",
+                                    labels=["model", "modality"])
+        tokens = CounterMetricFamily("tkr_tokens", "Tokens of embedded items (image tokens included).", labels=["model"])
+        hits = CounterMetricFamily("tkr_cache_hits", "Embedding cache hits.", labels=["model"])
+        misses = CounterMetricFamily("tkr_cache_misses", "Embedding cache misses.", labels=["model"])
+        entries = GaugeMetricFamily("tkr_cache_entries", "Vectors held by the cache.", labels=["model"])
+        memory = GaugeMetricFamily("tkr_model_memory_bytes", "MLX memory a loaded model's weights took.",
+                                   labels=["model"])
+        for s in services:
+            m = s.model_id
+            for modality, n in sorted(s.items_by_modality.items()):
+                items.add_metric([m, modality], n)
+            tokens.add_metric([m], s.tokens_total)
+            hits.add_metric([m], s.cache.hits)
+            misses.add_metric([m], s.cache.misses)
+            entries.add_metric([m], s.cache.stats()["size"])
+            memory.add_metric([m], s.memory_bytes)
+        yield from (items, tokens, hits, misses, entries, memory)
         worker = service.worker
         yield CounterMetricFamily("tkr_worker_busy_seconds", "Time the MLX worker spent running jobs.",
                                   value=worker.busy_seconds)

@@ -13,6 +13,7 @@ class _Strict(BaseModel):
 
 class TextEmbedRequest(_Strict):
     texts: list[str] = Field(..., min_length=1, description="Texts to embed, one vector each.")
+    model: str | None = Field(None, description="A served model's name or alias (default: the default model).")
     normalize: bool = Field(True, description="L2-normalise the vectors.")
     instruction: str | None = Field(
         None, description="Task instruction (Qwen2-VL: the system prompt; BERT: a prefix). For queries."
@@ -39,6 +40,7 @@ class SimilarityRequest(_Strict):
     query: SimilarityInput
     candidates: list[SimilarityInput] = Field(..., min_length=1)
     top_k: int | None = Field(None, ge=1)
+    model: str | None = Field(None, description="A served model's name or alias (default: the default model).")
     instruction: str | None = Field(None, description="Applied to the query only (as retrieval models expect).")
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..config import Settings
+from ..config import ModelSettings, Settings
 from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
 from .batcher import Batcher
@@ -56,14 +56,46 @@ def l2_normalize(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(norms, 1e-12)
 
 
+class ModelUnloaded(RuntimeError):
+    """The model was unloaded (evicted) between a request finding it and embedding: retry."""
+
+
+def _load_measured(resolved: ResolvedModel, *args) -> tuple[LoadedModel, int]:
+    """Worker thread: load, and how much MLX memory the model took (the pool's budget counts it)."""
+    import mlx.core as mx
+
+    before = mx.get_active_memory()
+    loaded = load_embedder(resolved, *args)
+    return loaded, max(0, int(mx.get_active_memory()) - int(before))
+
+
+def _release(loaded: LoadedModel) -> None:
+    """Worker thread: drop a model's arrays and return the freed buffers to the system."""
+    import mlx.core as mx
+
+    del loaded
+    gc.collect()
+    mx.clear_cache()
+
+
 class EmbeddingService:
-    def __init__(self, settings: Settings, resolved: ResolvedModel | None = None):
+    def __init__(self, settings: Settings, resolved: ResolvedModel | None = None,
+                 model: ModelSettings | None = None, shared_with: "EmbeddingService | None" = None):
         """resolved: the model directory when the caller already found it (the CLI does, to
-        report a missing or unsupported model before the server starts)."""
+        report a missing or unsupported model before the server starts).
+        model: which model (default: settings.model). shared_with: another service whose MLX
+        worker and CPU pool this one uses (the model pool: one thread touches MLX, always)."""
         self.settings = settings
+        self.model_settings = model or settings.model
         self._resolved = resolved
-        self.worker = MLXWorker(settings.model.device)
-        self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads, thread_name_prefix="tkr-cpu")
+        self._owns_worker = shared_with is None
+        if shared_with is None:
+            self.worker = MLXWorker(settings.model.device)
+            self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads, thread_name_prefix="tkr-cpu")
+        else:
+            self.worker, self.cpu_pool = shared_with.worker, shared_with.cpu_pool
+        self.active_requests = 0  # embed() calls in progress (the pool never evicts a busy model)
+        self.memory_bytes = 0  # MLX memory the loaded weights took (measured on the worker)
         c = settings.cache
         self.cache = EmbeddingCache(c.max_size, c.ttl_seconds, c.enabled)
         self.loaded: LoadedModel | None = None
@@ -76,15 +108,16 @@ class EmbeddingService:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        m = self.settings.model
+        m = self.model_settings
         loop = asyncio.get_running_loop()
         # Resolving may download (network, disk): keep it off the event loop, and off the worker.
         resolved = self._resolved or await loop.run_in_executor(
             self.cpu_pool, lambda: resolve_model_dir(m.path, m.name, m.revision, m.download_dir)
         )
-        self.worker.start()
-        self.loaded = await self.worker.submit(
-            load_embedder, resolved, m.quantization, m.max_tokens, m.min_pixels, m.max_pixels
+        if self._owns_worker:
+            self.worker.start()
+        self.loaded, self.memory_bytes = await self.worker.submit(
+            _load_measured, resolved, m.quantization, m.max_tokens, m.min_pixels, m.max_pixels
         )
         emb = self.loaded.embedder
         log.info("loaded %s (%s, %d-d, quantization %s) in %.2fs", resolved.model_id, self.loaded.family,
@@ -100,12 +133,19 @@ class EmbeddingService:
         # Everything alive now (the model, the libraries) lives as long as the process: take it out
         # of the garbage collector's view. Without this, each full collection walked millions of
         # import-time objects and stalled the event loop for ~0.2 s (p95 at 64 clients: 250 ms).
-        gc.collect()
-        gc.freeze()
+        # (Only for the default model: a pooled one may be evicted, and frozen objects are never collected.)
+        if self._owns_worker:
+            gc.collect()
+            gc.freeze()
 
     async def stop(self) -> None:
         if self.batcher:
             await self.batcher.stop()
+        if not self._owns_worker:  # a pooled model: free its weights, leave the shared worker running
+            loaded, self.loaded, self.batcher = self.loaded, None, None
+            if loaded is not None:
+                await self.worker.submit(_release, loaded)
+            return
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -164,6 +204,15 @@ class EmbeddingService:
     async def embed(self, items: Sequence[EmbedItem], normalize: bool = True, truncate: bool = True) -> EmbedResult:
         """Vectors for items, in order. truncate=False refuses (TooManyTokens) rather than cuts
         inputs over the model's token limit; nothing is computed then."""
+        if not self.ready:
+            raise ModelUnloaded(f"the model {self.model_settings.name or self.model_settings.path} was unloaded; retry")
+        self.active_requests += 1
+        try:
+            return await self._embed(items, normalize, truncate)
+        finally:
+            self.active_requests -= 1
+
+    async def _embed(self, items: Sequence[EmbedItem], normalize: bool, truncate: bool) -> EmbedResult:
         self._check_modalities(items)
         keys = [item_key(self._model_key, it, normalize) for it in items]
         n = len(items)
@@ -239,7 +288,7 @@ class EmbeddingService:
             "worker": {
                 "busy_seconds": round(self.worker.busy_seconds, 3),
                 "jobs_run": self.worker.jobs_run,
-                "device": self.settings.model.device,
+                "device": self.settings.model.device,  # the worker's, shared by every model
             },
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }

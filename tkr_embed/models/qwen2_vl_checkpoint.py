@@ -43,6 +43,10 @@ def normalise_keys(weights: dict) -> dict:
             k = "model." + k[len("model.language_model."):]
         elif k.startswith("model.visual."):
             k = k[len("model."):]
+        elif k.startswith("language_model.") and not k.startswith(("language_model.model.", "language_model.lm_head")):
+            # saved from the bare Qwen2VLModel: language_model.layers.* (mlx-vlm's own checkpoints
+            # have language_model.model.layers.* and are left alone)
+            k = "model." + k[len("language_model."):]
         out[k] = v
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -10,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...auth.keys import PERMISSIONS
 from ...auth.store import UNSET, KeyNotFound, KeyStore
+from ...engine.pool import ModelBusy, OverBudget, UnknownModel
+from ...models.registry import ModelLoadError
 from ..errors import APIError
 from ..responses import FastJSONResponse
 from ..security import require
@@ -130,3 +133,42 @@ async def stats(request: Request):
 async def config(request: Request):
     # SecretStr fields dump as '**********': the key, server secret and URLs with passwords.
     return FastJSONResponse(request.app.state.settings.model_dump(mode="json"))
+
+
+# ---- the model pool --------------------------------------------------------------------------
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, description="a configured model's name or alias")
+
+
+@router.get("/models")
+async def list_pool(request: Request):
+    return FastJSONResponse(request.app.state.pool.describe())
+
+
+@contextmanager
+def _pool_errors(request: Request, name: str):
+    """Model-pool failures -> HTTP, for the load and unload routes."""
+    try:
+        yield
+    except UnknownModel:
+        raise APIError(404, "model_not_found", f"no configured model is called '{name}' (configured: "
+                       f"{', '.join(request.app.state.pool.served_names())})", "model") from None
+    except (OverBudget, ModelBusy) as e:
+        raise APIError(409, "over_budget" if isinstance(e, OverBudget) else "model_busy", str(e), "model") from None
+    except ModelLoadError as e:
+        raise APIError(503, "model_unavailable", f"'{name}' could not be loaded: {e}", "model") from None
+
+
+@router.post("/models/load")
+async def load_model(body: ModelRef, request: Request):
+    with _pool_errors(request, body.model):
+        entry = await request.app.state.pool.load(body.model)
+    return FastJSONResponse({"loaded": entry.label, **request.app.state.pool.describe()})
+
+
+@router.post("/models/unload")
+async def unload_model(body: ModelRef, request: Request):
+    with _pool_errors(request, body.model):
+        entry = await request.app.state.pool.unload(body.model)
+    return FastJSONResponse({"unloaded": entry.label, **request.app.state.pool.describe()})

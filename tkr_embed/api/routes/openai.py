@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...engine.media import ImageError
 from ...engine.service import EmbeddingService
 from ...models.base import EmbedItem
-from ..deps import check_text, count_items, decode_images, get_service, require_content_type, require_images, run_embedding
+from ..deps import (check_text, count_items, decode_images, get_service, require_content_type, require_images,
+                    run_embedding, service_for)
 from ..errors import APIError
 from ..responses import FastJSONResponse
 from ..security import check_permissions, principal_of, require
@@ -38,17 +39,6 @@ class EmbeddingsRequest(BaseModel):
     dimensions: int | None = None
     user: str | None = Field(None, max_length=256)
     truncate: bool = Field(True, description="cut inputs over the model's token limit (false: refuse them)")
-
-
-def served_names(request: Request, service: EmbeddingService) -> list[str]:
-    return [service.model_id, *request.app.state.settings.model.aliases]
-
-
-def check_model(request: Request, service: EmbeddingService, model: str) -> None:
-    names = served_names(request, service)
-    if model not in names:
-        raise APIError(404, "model_not_found",
-                       f"the model '{model}' is not served here; served: {', '.join(names)}", "model")
 
 
 def _is_token_list(x: Any) -> bool:
@@ -140,9 +130,8 @@ def encode_vector(vec: np.ndarray, fmt: str):
 
 @router.post("/embeddings", dependencies=[Depends(require(any_key=True)),
                                           Depends(require_content_type("application/json"))])
-async def create_embeddings(body: EmbeddingsRequest, request: Request,
-                            service: EmbeddingService = Depends(get_service)):
-    check_model(request, service, body.model)
+async def create_embeddings(body: EmbeddingsRequest, request: Request):
+    service = await service_for(request, body.model)  # the model pool: by name or alias
     if body.dimensions is not None and not 1 <= body.dimensions <= service.dimension:
         raise APIError(400, "invalid_dimensions", f"'dimensions' must be between 1 and {service.dimension} "
                        f"for {service.model_id}, got {body.dimensions}", "dimensions")
@@ -189,18 +178,27 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request,
     })
 
 
-def _model_card(name: str, service: EmbeddingService) -> dict:
-    return {"id": name, "object": "model", "created": int(service.started_at), "owned_by": "tkr-embed",
-            "root": service.model_id, "dimension": service.dimension, "modalities": sorted(service.modalities),
-            "max_tokens": service.loaded.embedder.max_tokens}
+def _model_card(request: Request, name: str, default: EmbeddingService) -> dict:
+    """Loaded models describe themselves fully; one not loaded yet (loads on first use) by name."""
+    entry = request.app.state.pool.entry(name)
+    card = {"id": name, "object": "model", "created": int(default.started_at), "owned_by": "tkr-embed"}
+    s = entry.service
+    if s is not None and s.ready:
+        card.update(root=s.model_id, dimension=s.dimension, modalities=sorted(s.modalities),
+                    max_tokens=s.loaded.embedder.max_tokens)
+    else:
+        card.update(root=entry.label, loaded=False)
+    return card
 
 
 @router.get("/models", dependencies=[Depends(require(any_key=True))])
 async def list_models(request: Request, service: EmbeddingService = Depends(get_service)):
-    return FastJSONResponse({"object": "list", "data": [_model_card(n, service) for n in served_names(request, service)]})
+    names = request.app.state.pool.served_names()
+    return FastJSONResponse({"object": "list", "data": [_model_card(request, n, service) for n in names]})
 
 
 @router.get("/models/{model_id:path}", dependencies=[Depends(require(any_key=True))])
 async def get_model(model_id: str, request: Request, service: EmbeddingService = Depends(get_service)):
-    check_model(request, service, model_id)
-    return FastJSONResponse(_model_card(model_id, service))
+    if model_id not in request.app.state.pool.served_names():
+        await service_for(request, model_id)  # the 404 with the served names
+    return FastJSONResponse(_model_card(request, model_id, service))
