@@ -49,6 +49,7 @@ class Server:
     model_name: str  # what requests send as "model"
     env: dict[str, str] = field(default_factory=dict)
     path: str = "/v1/embeddings"
+    openblas: bool = True  # preload OpenBLAS (MLX servers); torch-based ones run as installed
 
 
 def free_port() -> int:
@@ -63,8 +64,11 @@ def blas_env() -> dict[str, str]:
     return preload_env() or {}
 
 
-def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, **blas_env(), "PYTHONUNBUFFERED": "1"}
+def python_env(extra: dict[str, str] | None = None, openblas: bool = True) -> dict[str, str]:
+    """openblas=False for torch processes: the preload (MLX's fix) made torch's own BLAS 2.3x slower."""
+    env = {**os.environ, **(blas_env() if openblas else {}), "PYTHONUNBUFFERED": "1"}
+    if not openblas:
+        env.pop("LD_PRELOAD", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
@@ -80,7 +84,8 @@ def tkr_server(model: str, port: int, device: str) -> Server:
 def infinity_server(model_dir: str, port: int, binary: str) -> Server:
     return Server("infinity", [binary, "v2", "--model-id", model_dir, "--served-model-name", "bench-model",
                                "--engine", "torch", "--device", "cpu", "--port", str(port), "--url-prefix", "/v1",
-                               "--log-level", "warning"], "bench-model", {"INFINITY_ANONYMOUS_USAGE_STATS": "0"})
+                               "--log-level", "warning"], "bench-model", {"INFINITY_ANONYMOUS_USAGE_STATS": "0"},
+                  openblas=False)
 
 
 def mlx_vlm_server(model_dir: str, port: int) -> Server:
@@ -98,7 +103,8 @@ class Running:
 
     def __enter__(self) -> "Running":
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.server.argv, env=python_env(self.server.env), stdout=self.log,
+        self.proc = subprocess.Popen(self.server.argv, env=python_env(self.server.env, self.server.openblas),
+                                     stdout=self.log,
                                      stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self.wait_until_serving()
         return self
@@ -132,8 +138,9 @@ class Running:
         self.log.close()
 
 
-def run_json(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict | list:
-    out = subprocess.run(argv, env=python_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_json(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800,
+             openblas: bool = True) -> dict | list:
+    out = subprocess.run(argv, env=python_env(env, openblas), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:6])}... failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -147,7 +154,7 @@ def measure_raw(system: str, model: str, case: str, args) -> dict:
         argv += ["--device", {"gpu": "gpu" if system == "mlx-engine" else "cuda"}.get(args.device, "cpu")]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    return run_json(argv, timeout=args.raw_timeout)
+    return run_json(argv, timeout=args.raw_timeout, openblas=system == "mlx-engine")
 
 
 def drive(running: Running, case: str, args) -> list[dict]:
