@@ -25,3 +25,12 @@ async def running_app(settings):
             yield client, service
     finally:
         await service.stop()
+
+
+@asynccontextmanager
+async def served(app):
+    """An app through its real lifespan (model load, key store, pool), with an httpx client over ASGI."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     timeout=120) as client:
+            yield client

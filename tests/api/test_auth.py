@@ -19,6 +19,7 @@ from tkr_embed.api.app import create_app
 from tkr_embed.auth.store import KeyStore
 from tkr_embed.config import SettingsError
 from tkr_embed.engine.service import EmbeddingService
+from tests.api.conftest import served
 from tests.helpers import ROOT, make_settings, png_bytes
 
 PERMS = ["embed:text", "embed:image", "embed:multimodal", "similarity", "admin"]
@@ -36,10 +37,8 @@ def auth_settings(model_dir, data_dir, **extra):
 async def auth_app(settings, announced=None):
     service = EmbeddingService(settings)
     app = create_app(settings, service, announce=(announced.append if announced is not None else lambda t: None))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
-                                     timeout=60) as client:
-            yield client, app
+    async with served(app) as client:
+        yield client, app
 
 
 @pytest.fixture(scope="module")

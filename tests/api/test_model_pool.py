@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 
+from tests.api.conftest import served
 from tests.conftest import MINILM_SPEC
 from tests.helpers import make_settings, png_bytes
 from tkr_embed.api.app import create_app
@@ -30,12 +31,11 @@ def pool_settings(tiny_pair, **extra):
     return make_settings(MINILM_SPEC, **{"models": models, **extra})
 
 
-async def started(settings):
+@asynccontextmanager
+async def pool_app(settings):
     app = create_app(settings, EmbeddingService(settings))
-    ctx = app.router.lifespan_context(app)
-    await ctx.__aenter__()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120)
-    return app, ctx, client
+    async with served(app) as client:
+        yield app, client
 
 
 async def embed(client, model, text="a photo of a cat"):
@@ -43,8 +43,7 @@ async def embed(client, model, text="a photo of a cat"):
 
 
 async def test_two_models_served_at_once_and_first_use_shares_one_load(tiny_pair):
-    app, ctx, c = await started(pool_settings(tiny_pair))
-    try:
+    async with pool_app(pool_settings(tiny_pair)) as (app, c):
         pool = app.state.pool
         assert [m["status"] for m in pool.describe()["models"]] == ["loaded", "unloaded", "unloaded"]
         # Six concurrent requests for a model not loaded yet, and the default model meanwhile.
@@ -67,26 +66,18 @@ async def test_two_models_served_at_once_and_first_use_shares_one_load(tiny_pair
         assert r.status_code == 404 and "tiny-a" in r.json()["error"]["message"]
         ids = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
         assert {"sentence-transformers/all-MiniLM-L6-v2", "tiny-a", "vision", "tiny-b"} <= set(ids)
-    finally:
-        await c.aclose()
-        await ctx.__aexit__(None, None, None)
 
 
 async def test_eviction_under_a_small_budget_spares_the_preloaded_model(tiny_pair):
     # Budget: the default model plus one tiny one (the two tiny ones together do not fit).
-    probe_app, ctx, c = await started(pool_settings(tiny_pair))
-    try:
+    async with pool_app(pool_settings(tiny_pair)) as (probe_app, c):
         await embed(c, "tiny-a")
         await embed(c, "tiny-b")
         figures = {m["id"]: m["memory_bytes"] for m in probe_app.state.pool.describe()["models"]}
-    finally:
-        await c.aclose()
-        await ctx.__aexit__(None, None, None)
     default, a, b = figures.values()
     assert a > 0 and b > 0 and default > a
     budget_mb = (default + max(a, b) + min(a, b) / 2) / 2**20
-    app, ctx, c = await started(pool_settings(tiny_pair, **{"pool.memory_budget_mb": budget_mb}))
-    try:
+    async with pool_app(pool_settings(tiny_pair, **{"pool.memory_budget_mb": budget_mb})) as (app, c):
         pool = app.state.pool
         assert (await embed(c, "tiny-a")).status_code == 200
         assert (await embed(c, "tiny-b")).status_code == 200  # tiny-a (least recently used) goes
@@ -96,14 +87,10 @@ async def test_eviction_under_a_small_budget_spares_the_preloaded_model(tiny_pai
         assert (await embed(c, "tiny-a")).status_code == 200  # and comes back on use, evicting tiny-b
         assert pool.entry("tiny-a").loads == 2 and not pool.entry("tiny-b").loaded
         assert pool.entries[0].loaded  # the preloaded default is never evicted
-    finally:
-        await c.aclose()
-        await ctx.__aexit__(None, None, None)
 
 
 async def test_admin_models_list_load_unload(tiny_pair):
-    app, ctx, c = await started(pool_settings(tiny_pair))
-    try:
+    async with pool_app(pool_settings(tiny_pair)) as (app, c):
         listed = (await c.get("/admin/models")).json()
         assert [m["status"] for m in listed["models"]] == ["loaded", "unloaded", "unloaded"]
         assert listed["models"][1]["estimated_bytes"] > 0 and listed["memory"]["budget_bytes"] is None
@@ -116,9 +103,6 @@ async def test_admin_models_list_load_unload(tiny_pair):
         assert (await c.post("/admin/models/unload", json={"model": pool_default(app)})).status_code == 409
         assert (await c.post("/admin/models/load", json={"model": "ghost"})).status_code == 404
         assert (await c.post("/admin/models/load", json={})).status_code == 400
-    finally:
-        await c.aclose()
-        await ctx.__aexit__(None, None, None)
 
 
 def pool_default(app) -> str:

@@ -8,6 +8,7 @@ import re
 
 import httpx
 
+from tests.api.conftest import served
 from tests.api.test_auth import auth_app, auth_settings
 from tests.conftest import MINILM_SPEC
 from tests.helpers import make_settings
@@ -29,47 +30,46 @@ def sample(text: str, name: str, **labels) -> float:
 async def test_ready_flips_during_load_and_drain_and_metrics_move():
     settings = make_settings(MINILM_SPEC)
     app = create_app(settings, EmbeddingService(settings), background_load=True)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
-            # The port is open while the model loads: alive, not ready, and embedding says 503.
-            first = await c.get("/ready")
-            assert first.status_code == 503 and first.json()["reason"] == "loading"
-            assert (await c.get("/health")).json() == {"status": "loading", "model_loaded": False}
-            assert (await c.post("/embed/text", json={"texts": ["early"]})).status_code == 503
-            for _ in range(600):
-                if (await c.get("/ready")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
-            assert (await c.get("/ready")).json()["ready"] is True
+    async with served(app) as c:
+        # The port is open while the model loads: alive, not ready, and embedding says 503.
+        first = await c.get("/ready")
+        assert first.status_code == 503 and first.json()["reason"] == "loading"
+        assert (await c.get("/health")).json() == {"status": "loading", "model_loaded": False}
+        assert (await c.post("/embed/text", json={"texts": ["early"]})).status_code == 503
+        for _ in range(600):
+            if (await c.get("/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (await c.get("/ready")).json()["ready"] is True
 
-            before = (await c.get("/metrics")).text
-            texts = [f"metrics text {i}" for i in range(5)]
-            await asyncio.gather(*(c.post("/embed/text", json={"texts": [t]}) for t in texts))
-            await c.post("/embed/text", json={"texts": [texts[0]]})  # a cache hit
-            await c.post("/embed/text", json={"texts": []})  # a 400 (validation)
-            m = await c.get("/metrics")
-            assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-            after = m.text
-            route = "/embed/text"
-            assert sample(after, "tkr_requests_total", route=route, status="200") - \
-                sample(before, "tkr_requests_total", route=route, status="200") == 6
-            assert sample(after, "tkr_requests_total", route=route, status="400") >= 1
-            assert sample(after, "tkr_request_duration_seconds_count", route=route) >= 7
-            assert sample(after, "tkr_items_embedded_total", model=MINILM, modality="text") - \
-                sample(before, "tkr_items_embedded_total", model=MINILM, modality="text") == 6
-            assert sample(after, "tkr_cache_hits_total", model=MINILM) - sample(before, "tkr_cache_hits_total", model=MINILM) == 1
-            assert sample(after, "tkr_batch_size_sum") - sample(before, "tkr_batch_size_sum") == 5  # computed items
-            assert sample(after, "tkr_tokens_total", model=MINILM) > sample(before, "tkr_tokens_total", model=MINILM)
-            assert sample(after, "tkr_worker_busy_seconds_total") > 0
-            assert sample(after, "tkr_mlx_memory_peak_bytes") > 0
-            assert sample(after, "tkr_model_load_seconds", model=MINILM) > 0
-            assert sample(after, "tkr_queue_depth") == 0 and sample(after, "tkr_ready") == 1
+        before = (await c.get("/metrics")).text
+        texts = [f"metrics text {i}" for i in range(5)]
+        await asyncio.gather(*(c.post("/embed/text", json={"texts": [t]}) for t in texts))
+        await c.post("/embed/text", json={"texts": [texts[0]]})  # a cache hit
+        await c.post("/embed/text", json={"texts": []})  # a 400 (validation)
+        m = await c.get("/metrics")
+        assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+        after = m.text
+        route = "/embed/text"
+        assert sample(after, "tkr_requests_total", route=route, status="200") - \
+            sample(before, "tkr_requests_total", route=route, status="200") == 6
+        assert sample(after, "tkr_requests_total", route=route, status="400") >= 1
+        assert sample(after, "tkr_request_duration_seconds_count", route=route) >= 7
+        assert sample(after, "tkr_items_embedded_total", model=MINILM, modality="text") - \
+            sample(before, "tkr_items_embedded_total", model=MINILM, modality="text") == 6
+        assert sample(after, "tkr_cache_hits_total", model=MINILM) - sample(before, "tkr_cache_hits_total", model=MINILM) == 1
+        assert sample(after, "tkr_batch_size_sum") - sample(before, "tkr_batch_size_sum") == 5  # computed items
+        assert sample(after, "tkr_tokens_total", model=MINILM) > sample(before, "tkr_tokens_total", model=MINILM)
+        assert sample(after, "tkr_worker_busy_seconds_total") > 0
+        assert sample(after, "tkr_mlx_memory_peak_bytes") > 0
+        assert sample(after, "tkr_model_load_seconds", model=MINILM) > 0
+        assert sample(after, "tkr_queue_depth") == 0 and sample(after, "tkr_ready") == 1
 
-            begin_drain(app)  # what SIGTERM does first
-            r = await c.get("/ready")
-            assert r.status_code == 503 and r.json()["reason"] == "draining"
-            assert (await c.post("/embed/text", json={"texts": ["still served while draining"]})).status_code == 200
-            assert sample((await c.get("/metrics")).text, "tkr_ready") == 0
+        begin_drain(app)  # what SIGTERM does first
+        r = await c.get("/ready")
+        assert r.status_code == 503 and r.json()["reason"] == "draining"
+        assert (await c.post("/embed/text", json={"texts": ["still served while draining"]})).status_code == 200
+        assert sample((await c.get("/metrics")).text, "tkr_ready") == 0
 
 
 async def test_a_model_that_fails_to_load_makes_the_server_unready(tmp_path):
@@ -77,15 +77,14 @@ async def test_a_model_that_fails_to_load_makes_the_server_unready(tmp_path):
     settings = make_settings(str(tmp_path))
     failures: list[BaseException] = []
     app = create_app(settings, EmbeddingService(settings), background_load=True, on_load_failure=failures.append)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            for _ in range(200):
-                if failures:
-                    break
-                await asyncio.sleep(0.05)
-            assert failures, "on_load_failure was not called"
-            r = await c.get("/ready")
-            assert r.status_code == 503 and r.json()["reason"].startswith("model failed to load")
+    async with served(app) as c:
+        for _ in range(200):
+            if failures:
+                break
+            await asyncio.sleep(0.05)
+        assert failures, "on_load_failure was not called"
+        r = await c.get("/ready")
+        assert r.status_code == 503 and r.json()["reason"].startswith("model failed to load")
 
 
 async def test_metrics_access_is_loopback_or_admin(tiny_dir, tmp_path):

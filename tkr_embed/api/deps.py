@@ -11,10 +11,12 @@ from fastapi import Request, UploadFile
 
 from ..engine.batcher import QueueFull
 from ..engine.media import ImageError, decode_base64_image, decode_image
+from ..engine.pool import OverBudget, UnknownModel
 from ..engine.service import EmbeddingService, ModalityNotSupported, ModelUnloaded, TooManyTokens
 from ..models.base import DecodedImage, UnsupportedInput
 from ..models.qwen2_vl import InputTooLong
 from ..models.qwen2_vl_image import ImageShapeError
+from ..models.registry import ModelLoadError
 from .errors import APIError
 
 T = TypeVar("T")
@@ -30,9 +32,6 @@ async def get_service(request: Request) -> EmbeddingService:  # async: no thread
 
 async def service_for(request: Request, name: str | None, param: str = "model") -> EmbeddingService:
     """The service of the model a request names (None: the default), loaded on first use."""
-    from ..engine.pool import OverBudget, UnknownModel
-    from ..models.registry import ModelLoadError
-
     pool = request.app.state.pool
     try:
         if name is None or pool.entry(name) is pool.entries[0]:

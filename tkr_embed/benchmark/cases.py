@@ -39,14 +39,17 @@ class ImageMaker:
         base = np.stack([x * 2, y * 2, (x + y)], axis=-1) % 256
         self._base = (base + rng.integers(0, 16, base.shape)).astype("uint8")
 
-    def data_uri(self, i: int) -> str:
+    def png(self, i: int) -> bytes:
         from PIL import Image
 
         px = self._base.copy()
         px[0, :8, 0] = list((i >> (8 * k)) & 0xFF for k in range(8))
         buf = io.BytesIO()
         Image.fromarray(px).save(buf, format="PNG", compress_level=1)
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return buf.getvalue()
+
+    def data_uri(self, i: int) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png(i)).decode()
 
 
 def _image_part(uri: str) -> dict:

@@ -11,7 +11,6 @@ same model in transformers + torch (the references of tests/correctness). Inputs
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sys
@@ -25,9 +24,7 @@ def case_inputs(case: str, n: int, image_side: int = 128) -> list[tuple[str | No
     """(text, PNG bytes) for n distinct items of a case."""
     base = 10**11  # the load generator's request numbers have 12 digits too (same token counts)
     images = ImageMaker(image_side) if case in ("image", "fused") else None
-
-    def png(i):
-        return base64.b64decode(images.data_uri(i).split(",", 1)[1])
+    png = images.png if images else None
 
     ids = range(base, base + n)
     if case == "short":

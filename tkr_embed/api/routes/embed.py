@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ...engine.service import EmbeddingService, EmbedResult
 from ...models.base import EmbedItem
-from ..deps import (check_item_count, check_text, count_items, decode_images, get_service, read_upload,
+from ..deps import (check_item_count, check_text, count_items, decode_images, read_upload,
                     require_content_type, require_images, run_embedding, service_for)
 from ..responses import FastJSONResponse
 from ..security import require
@@ -29,11 +29,9 @@ def _respond(service: EmbeddingService, result: EmbedResult, started: float) -> 
 
 @router.post("/embed/text", response_model=EmbedResponse,
              dependencies=[Depends(require("embed:text")), Depends(require_content_type("application/json"))])
-async def embed_text(body: TextEmbedRequest, request: Request,
-                     service: EmbeddingService = Depends(get_service)):
+async def embed_text(body: TextEmbedRequest, request: Request):
     started = time.perf_counter()
-    if body.model is not None:
-        service = await service_for(request, body.model)
+    service = await service_for(request, body.model)  # None: the default model
     check_item_count(len(body.texts), service, "texts")
     for i, text in enumerate(body.texts):
         check_text(text, service, f"texts[{i}]")
@@ -48,11 +46,9 @@ async def embed_text(body: TextEmbedRequest, request: Request,
 async def embed_image(request: Request,
                       file: list[UploadFile] = File(..., description="One or more images (repeat the part)."),
                       normalize: bool = Form(True), instruction: str | None = Form(None),
-                      model: str | None = Form(None, description="a served model's name or alias"),
-                      service: EmbeddingService = Depends(get_service)):
+                      model: str | None = Form(None, description="a served model's name or alias")):
     started = time.perf_counter()
-    if model is not None:
-        service = await service_for(request, model)
+    service = await service_for(request, model)  # None: the default model
     require_images(service)
     lim = service.settings.limits
     check_item_count(len(file), service, "file")
@@ -71,11 +67,9 @@ async def embed_multimodal(request: Request,
                            text: str = Form(..., description="Text fused with the image(s)."),
                            image: list[UploadFile] = File(..., description="One or more images, fused."),
                            instruction: str | None = Form(None), normalize: bool = Form(True),
-                           model: str | None = Form(None, description="a served model's name or alias"),
-                           service: EmbeddingService = Depends(get_service)):
+                           model: str | None = Form(None, description="a served model's name or alias")):
     started = time.perf_counter()
-    if model is not None:
-        service = await service_for(request, model)
+    service = await service_for(request, model)  # None: the default model
     require_images(service)
     lim = service.settings.limits
     check_text(text, service, "text")

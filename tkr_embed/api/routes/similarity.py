@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ...engine.service import EmbeddingService
 from ...models.base import EmbedItem
-from ..deps import (check_item_count, check_text, count_items, decode_images, get_service, require_content_type,
+from ..deps import (check_item_count, check_text, count_items, decode_images, require_content_type,
                     require_images, run_embedding, service_for)
 from ..errors import APIError
 from ..responses import FastJSONResponse
@@ -52,11 +52,9 @@ async def _to_items(request: Request, service: EmbeddingService, inputs: list[tu
 
 @router.post("/similarity", response_model=SimilarityResponse,
              dependencies=[Depends(require("similarity")), Depends(require_content_type("application/json"))])
-async def similarity(body: SimilarityRequest, request: Request,
-                     service: EmbeddingService = Depends(get_service)):
+async def similarity(body: SimilarityRequest, request: Request):
     started = time.perf_counter()
-    if body.model is not None:
-        service = await service_for(request, body.model)
+    service = await service_for(request, body.model)  # None: the default model
     check_item_count(len(body.candidates) + 1, service, "candidates")
     inputs = [("query", body.query)] + [(f"candidates[{i}]", c) for i, c in enumerate(body.candidates)]
     items = await _to_items(request, service, inputs, body.instruction)
