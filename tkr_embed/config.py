@@ -56,6 +56,9 @@ class EngineSettings(_Section):
     max_queue_items: int = Field(4096, ge=1)
     # Threads that tokenise and decode images (never touch MLX).
     cpu_threads: int = Field(2, ge=1)
+    # MLX's CPU backend: split each batch across this many CPU streams (engine/shards.py);
+    # 0 = one per core on Linux, 1 elsewhere. Ignored on Metal and CUDA.
+    cpu_shards: int = Field(0, ge=0)
     retry_after_seconds: int = Field(1, ge=1)
 
 

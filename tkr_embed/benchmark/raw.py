@@ -53,12 +53,13 @@ def time_batches(run: Callable[[], object], batch: int, seconds: float) -> dict:
 
 
 def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None,
-               image_side: int = 128) -> dict:
+               image_side: int = 128, cpu_shards: int = 0) -> dict:
     import io
 
     from PIL import Image
 
     from ..blas import describe
+    from ..engine.shards import make_sharded_forward
     from ..engine.worker import MLXWorker
     from ..models.base import DecodedImage, EmbedItem
     from ..models.registry import load_embedder, resolve_model_dir
@@ -66,6 +67,8 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
     worker = MLXWorker(device)
     worker.start()
     emb = worker.call(load_embedder, resolve_model_dir(model), "none").embedder
+    # The engine's own forward: split across CPU streams as the server does (engine.cpu_shards).
+    sharded = worker.call(make_sharded_forward, cpu_shards)
     if dtype:
         import mlx.core as mx
 
@@ -79,11 +82,12 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
                 imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),)
             items.append(EmbedItem(text=text, images=imgs))
         prepared = [emb.prepare(it) for it in items]
-        row = worker.call(time_batches, lambda: emb.forward(prepared), b, seconds)
+        row = worker.call(time_batches, lambda: sharded(emb, prepared), b, seconds)
         row["tokens_per_item"] = max(p.cost for p in prepared)
         rows.append(row)
         print(f"batch {b}: {row}", file=sys.stderr, flush=True)
-    return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(), "results": rows}
+    return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(),
+            "cpu_shards": sharded.shards, "results": rows}
 
 
 def torch_forward(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str,
@@ -140,10 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None, help="mlx: auto|cpu|gpu; torch: cpu|cuda")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     ap.add_argument("--image-side", type=int, default=128)
+    ap.add_argument("--cpu-shards", type=int, default=0, help="mlx: engine.cpu_shards (0: one per core on Linux CPU)")
     args = ap.parse_args(argv)
     if args.system == "mlx":
         out = mlx_engine(args.model, args.case, args.batch, args.seconds, args.device or "auto", args.dtype,
-                         args.image_side)
+                         args.image_side, args.cpu_shards)
     else:
         out = torch_forward(args.model, args.case, args.batch, args.seconds, args.device or "cpu",
                             args.dtype or "float32", args.image_side)

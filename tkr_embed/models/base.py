@@ -86,6 +86,11 @@ class Embedder(Protocol):
         """Raw pooled vectors, float32 [len(batch), dimension]. Worker thread only."""
         ...
 
+    def encode(self, batch: Sequence[Prepared]) -> Any:
+        """forward's vectors as a lazy mx.array, built on the current stream and not evaluated
+        (the engine evaluates several shards at once). Worker thread only."""
+        ...
+
     def describe(self) -> dict[str, Any]: ...
 
     def decode(self, ids: list[int]) -> str:

@@ -102,16 +102,16 @@ class Qwen2VLEmbedder:
         return cls(model_dir, model_id, config, model, quantization, **kw)
 
     # ---- CPU side -------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
+    def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def prepare(self, item: EmbedItem) -> Prepared:
         if item.text is None and not item.images:
             raise UnsupportedInput("empty item")
         instruction = item.instruction or DEFAULT_INSTRUCTION
-        prefix = self._encode(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n")
-        suffix = self._encode("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
-        text_ids = self._encode(item.text) if item.text else []
+        prefix = self._tokenize(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n")
+        suffix = self._tokenize("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
+        text_ids = self._tokenize(item.text) if item.text else []
 
         pixel_values, grids, image_runs = [], [], []
         for img in item.images:
@@ -183,6 +183,14 @@ class Qwen2VLEmbedder:
     def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
         import mlx.core as mx
 
+        pooled = self.encode(batch)
+        mx.eval(pooled)
+        return np.array(pooled, copy=True)
+
+    def encode(self, batch: Sequence[Prepared]):
+        """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension])."""
+        import mlx.core as mx
+
         b = len(batch)
         length = max(p.cost for p in batch)
         ids = np.full((b, length), self.pad_id, dtype=np.int32)
@@ -209,9 +217,7 @@ class Qwen2VLEmbedder:
             embeds = flat.reshape(b, length, -1)
         hidden = lm(ids_mx, inputs_embeds=embeds, position_ids=mx.array(positions))
         last = mx.array(np.asarray([p.cost - 1 for p in batch], dtype=np.int32))
-        pooled = hidden[mx.arange(b), last].astype(mx.float32)
-        mx.eval(pooled)
-        return np.array(pooled, copy=True)
+        return hidden[mx.arange(b), last].astype(mx.float32)
 
     def describe(self) -> dict[str, Any]:
         c = self.image_config

@@ -41,7 +41,7 @@ class TextEncoderEmbedder:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.pad_id = int(config.get("pad_token_id", 0) or 0)
-        self.fast_ops = False  # polynomial GELU in place of scalar erf (CPU backend)
+        self.fast_ops: list[str] = []  # ops swapped for multiply-add polynomials (CPU backend)
 
     @classmethod
     def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str) -> "TextEncoderEmbedder":
@@ -53,10 +53,10 @@ class TextEncoderEmbedder:
         model = load_model(model_dir)
         apply_quantization(model, quantization)
         emb = cls(model_dir, model_id, config, model, quantization)
-        if on_cpu_backend():  # scalar erf is the CPU backend's biggest cost in BERT layers
-            from .fast_ops import use_fast_cpu_ops
+        if on_cpu_backend():  # scalar erf and exp are the CPU backend's biggest costs in BERT layers
+            from .fast_ops import set_fast_cpu_ops
 
-            emb.fast_ops = use_fast_cpu_ops(model) > 0
+            emb.fast_ops = set_fast_cpu_ops(model)
         return emb
 
     def prepare(self, item: EmbedItem) -> Prepared:
@@ -81,6 +81,14 @@ class TextEncoderEmbedder:
 
     def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
         import mlx.core as mx
+
+        pooled = self.encode(batch)
+        mx.eval(pooled)
+        return np.array(pooled, copy=True)
+
+    def encode(self, batch: Sequence[Prepared]):
+        """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension])."""
+        import mlx.core as mx
         from mlx_vlm.models.pooling import pool_by_config
 
         length = max(p.cost for p in batch)
@@ -91,13 +99,11 @@ class TextEncoderEmbedder:
             mask[i, : p.cost] = 1
         mask_mx = mx.array(mask)
         hidden, _ = self.model._encode(mx.array(ids), mask_mx)
-        pooled = pool_by_config(hidden, mask_mx, self.pooling_config).astype(mx.float32)
-        mx.eval(pooled)
-        return np.array(pooled, copy=True)
+        return pool_by_config(hidden, mask_mx, self.pooling_config).astype(mx.float32)
 
     def describe(self) -> dict[str, Any]:
         return {
             "pooling": self.pooling_config,
             "checkpoint_normalizes": self.checkpoint_normalizes,
-            "cpu_fast_gelu": self.fast_ops,
+            "cpu_fast_ops": self.fast_ops,
         }

@@ -1,0 +1,102 @@
+"""Data-parallel forward passes on MLX's CPU backend: one batch, split across CPU streams.
+
+MLX runs each CPU stream's ops on that stream's own thread, but within one stream element-wise
+ops (exp in attention, layer norms, GELU) run on a single core, and a multi-threaded BLAS makes
+every matmul wait for all its threads (one preempted thread stalls the whole batch). Splitting a
+batch into one shard per core, each on its own stream with a single-threaded BLAS, keeps every
+core busy on independent work. Measured on 2 cores (MiniLM, docs/benchmarks.md): 204 -> 246
+texts/s on short texts, 7.9 -> 11.7 on 248-token ones.
+
+Items are sorted by length before splitting, so each shard pads only to its own longest item.
+GPU backends keep one shard: the device already runs the whole batch in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from ..models.base import Embedder, Prepared
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def resolve_shards(setting: int, on_cpu: bool) -> int:
+    """engine.cpu_shards: 0 means one per core on Linux's CPU backend, one elsewhere."""
+    if not on_cpu:
+        return 1
+    if setting > 0:
+        return setting
+    return available_cores() if sys.platform == "linux" else 1
+
+
+def split_by_cost(costs: Sequence[int], shards: int) -> list[list[int]]:
+    """Indices of the items, sorted by cost and cut into at most `shards` contiguous runs whose
+    padded sizes (items x longest item) are as even as a greedy cut makes them."""
+    order = sorted(range(len(costs)), key=lambda i: costs[i])
+    shards = max(1, min(shards, len(order)))
+    total = sum(costs)
+    runs: list[list[int]] = [[]]
+    done = 0
+    for pos, i in enumerate(order):
+        left_items = len(order) - pos
+        left_runs = shards - len(runs)
+        # Close the current run once it holds its share, keeping an item for each run still to come.
+        if runs[-1] and left_runs > 0 and (done >= total * len(runs) / shards or left_items == left_runs):
+            runs.append([])
+        runs[-1].append(i)
+        done += costs[i]
+    return runs
+
+
+class ShardedForward:
+    """Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
+
+    def __init__(self, shards: int):
+        import mlx.core as mx
+
+        self.shards = shards
+        self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)] if shards > 1 else []
+        if shards > 1:
+            from ..blas import set_blas_threads
+
+            # Each stream's matmuls on one core: threads of a parallel BLAS would fight the
+            # other streams for the same cores.
+            set_blas_threads(1)
+
+    def __call__(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
+        import mlx.core as mx
+
+        if self.shards == 1 or len(batch) == 1:
+            return embedder.forward(batch)
+        runs = split_by_cost([p.cost for p in batch], self.shards)
+        outs = []
+        for run, stream in zip(runs, self._streams):
+            with mx.stream(stream):
+                outs.append(embedder.encode([batch[i] for i in run]))
+        mx.eval(*outs)
+        result = np.empty((len(batch), outs[0].shape[-1]), dtype=np.float32)
+        for run, out in zip(runs, outs):
+            result[run] = np.array(out, copy=False)
+        return result
+
+
+def make_sharded_forward(setting: int) -> ShardedForward:
+    """Worker thread only (CPU streams exist only on the thread that made them)."""
+    from ..models.quantize import on_cpu_backend
+
+    shards = resolve_shards(setting, on_cpu_backend())
+    if shards > 1:
+        log.info("forward passes split across %d CPU streams", shards)
+    return ShardedForward(shards)
