@@ -52,10 +52,12 @@ class EngineSettings(_Section):
     # One batch's budget: padded sequence length x items (image tokens included).
     max_batch_tokens: int = Field(16384, ge=1)
     max_batch_items: int = Field(64, ge=1)
+    # Real / padded tokens a batch keeps at least: lower mixes lengths more (bigger batches, more padding).
+    min_padding_efficiency: float = Field(0.75, ge=0.0, le=1.0)
     # Items waiting for the worker; beyond this requests get 503 + Retry-After.
     max_queue_items: int = Field(4096, ge=1)
-    # Threads that tokenise and decode images (never touch MLX).
-    cpu_threads: int = Field(2, ge=1)
+    # Threads that tokenise and decode images (never touch MLX); 0 = one per core.
+    cpu_threads: int = Field(0, ge=0)
     # MLX's CPU backend: split each batch across this many CPU streams (engine/shards.py);
     # 0 = one per core on Linux, 1 elsewhere. Ignored on Metal and CUDA.
     cpu_shards: int = Field(0, ge=0)

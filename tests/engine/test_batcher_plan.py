@@ -34,3 +34,20 @@ def test_an_item_over_the_budget_still_runs_alone():
 def test_everything_fits_when_budget_allows():
     costs = [7, 3, 9, 1]
     assert sorted(plan_batch(costs, [3, 1, 0, 2], 1000, 10)) == [0, 1, 2, 3]
+
+
+def test_queries_and_passages_run_as_separate_batches_under_a_padding_floor():
+    costs = [26, 252, 24, 250, 30, 252, 28, 251]
+    seqs = list(range(len(costs)))
+    first = plan_batch(costs, seqs, max_tokens=10**6, max_items=64, min_efficiency=0.5)
+    assert sorted(costs[i] for i in first) == [24, 26, 28, 30]  # the oldest (26) and its kind
+    rest = [i for i in range(len(costs)) if i not in first]
+    second = plan_batch([costs[i] for i in rest], [seqs[i] for i in rest], 10**6, 64, 0.5)
+    assert sorted(costs[rest[i]] for i in second) == [250, 251, 252, 252]
+    # Without the floor the same queue goes in one batch, every query padded to 252 tokens.
+    assert len(plan_batch(costs, seqs, 10**6, 64)) == len(costs)
+
+
+def test_padding_floor_still_runs_a_lone_outlier():
+    chosen = plan_batch([26, 26, 252], [2, 1, 0], max_tokens=10**6, max_items=64, min_efficiency=0.9)
+    assert chosen == [2]  # the oldest item is the long one: it runs, alone

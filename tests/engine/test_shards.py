@@ -3,6 +3,7 @@ tiny Qwen2-VL with images) that must give the vectors one unsplit forward gives,
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -18,22 +19,39 @@ from tkr_embed.models.registry import load_embedder, resolve_model_dir
 from tests.helpers import png_bytes
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("seed", range(5))
-def test_split_covers_every_item_once_in_balanced_length_runs(shards, seed):
+def _padded(costs, run):
+    return len(run) * max(costs[i] for i in run)
+
+
+def _best_split(costs, shards):
+    """Brute force: the smallest achievable largest padded run over contiguous cuts of the sorted costs."""
+    c = sorted(costs)
+    best = len(c) * c[-1]
+    for cuts in itertools.combinations(range(1, len(c)), min(shards, len(c)) - 1):
+        bounds = (0, *cuts, len(c))
+        best = min(best, max((e - s) * c[e - 1] for s, e in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", range(6))
+def test_split_covers_every_item_once_with_the_smallest_slowest_shard(shards, seed):
     rng = random.Random(seed)
-    costs = [rng.choice([5, 22, 60, 248]) for _ in range(rng.randint(1, 70))]
+    costs = [rng.choice([5, 22, 26, 60, 248, 252]) for _ in range(rng.randint(1, 11))]
     runs = split_by_cost(costs, shards)
     assert sorted(i for run in runs for i in run) == list(range(len(costs)))
-    assert len(runs) == min(shards, len(costs)) and all(runs)
+    assert 1 <= len(runs) <= shards and all(runs)
     # Sorted by length: a run never holds an item longer than the next run's shortest.
     for a, b in zip(runs, runs[1:]):
         assert max(costs[i] for i in a) <= min(costs[i] for i in b)
+    assert max(_padded(costs, r) for r in runs) == _best_split(costs, shards)
 
 
-def test_equal_items_split_evenly():
+def test_equal_items_split_evenly_and_long_items_do_not_pad_short_ones():
     assert [len(r) for r in split_by_cost([22] * 33, 2)] == [17, 16]
     assert [len(r) for r in split_by_cost([22] * 64, 4)] == [16, 16, 16, 16]
+    mixed = [252] * 8 + [26] * 20
+    assert [sorted({mixed[i] for i in r}) for r in split_by_cost(mixed, 2)] == [[26], [252]]
 
 
 def test_shards_resolve_per_backend():

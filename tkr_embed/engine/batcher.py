@@ -3,7 +3,9 @@
 A batch is bounded by `max_batch_items` and by `max_batch_tokens` counted as padded length x
 items (image tokens included, since they are part of the sequence). The oldest waiting item is
 always in the next batch (nothing starves); the rest are its neighbours in length order, chosen
-to add the least padding. While the worker runs one batch, new arrivals queue up and form the next
+to add the least padding, and never so many that padding would pass `min_padding_efficiency`
+(real / padded tokens): queries and long passages waiting together run as two batches rather
+than one where every query pads to a passage's length. While the worker runs one batch, new arrivals queue up and form the next
 one, so batches grow with load without any fixed wait.
 """
 
@@ -40,28 +42,32 @@ class _Entry:
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_items: int) -> list[int]:
+def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_items: int,
+               min_efficiency: float = 0.0) -> list[int]:
     """Choose indices (into costs) for the next batch.
 
     Starts from the oldest entry (lowest seq) and grows a window over the entries sorted by cost,
-    each step taking the neighbour that adds the least padding, while padded_len x items fits.
+    each step taking the neighbour that adds the least padding, while padded_len x items fits and
+    real tokens stay at least min_efficiency of the padded ones.
     """
     order = sorted(range(len(costs)), key=lambda i: (costs[i], seqs[i]))
     oldest = min(range(len(order)), key=lambda k: seqs[order[k]])
     lo = hi = oldest
+    real = costs[order[oldest]]
     while hi - lo + 1 < max_items:
         n = hi - lo + 1
         cur_max = costs[order[hi]]
-        options = []
+        options = []  # (padding added, padded size after, real tokens after, side)
         if lo > 0:  # a shorter item: pads up to cur_max
-            options.append((cur_max - costs[order[lo - 1]], (n + 1) * cur_max, "lo"))
+            shorter = costs[order[lo - 1]]
+            options.append((cur_max - shorter, (n + 1) * cur_max, real + shorter, "lo"))
         if hi + 1 < len(order):  # a longer item: everyone pads up to it
             new_max = costs[order[hi + 1]]
-            options.append(((new_max - cur_max) * n, (n + 1) * new_max, "hi"))
-        options = [o for o in options if o[1] <= max_tokens]
+            options.append(((new_max - cur_max) * n, (n + 1) * new_max, real + new_max, "hi"))
+        options = [o for o in options if o[1] <= max_tokens and o[2] >= min_efficiency * o[1]]
         if not options:
             break
-        _, _, side = min(options)
+        _, _, real, side = min(options)
         if side == "lo":
             lo -= 1
         else:
@@ -72,11 +78,12 @@ def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_i
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch_tokens: int, max_batch_items: int,
                  max_queue_items: int, retry_after_seconds: int = 1,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0):
         self._run_batch = run_batch
         self._on_batch = on_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
+        self.min_padding_efficiency = min_padding_efficiency
         self.max_queue_items = max_queue_items
         self.retry_after_seconds = retry_after_seconds
         self._pending: list[_Entry] = []
@@ -134,7 +141,7 @@ class Batcher:
             self._pending = []
             return []
         chosen = plan_batch([e.prepared.cost for e in live], [e.seq for e in live],
-                            self.max_batch_tokens, self.max_batch_items)
+                            self.max_batch_tokens, self.max_batch_items, self.min_padding_efficiency)
         picked = set(chosen)
         self._pending = [e for i, e in enumerate(live) if i not in picked]
         return [live[i] for i in chosen]
@@ -179,6 +186,7 @@ class Batcher:
         return {
             "max_batch_tokens": self.max_batch_tokens,
             "max_batch_items": self.max_batch_items,
+            "min_padding_efficiency": self.min_padding_efficiency,
             "max_queue_items": self.max_queue_items,
             "queue_depth": self.depth,
             "batches_run": self.batches_run,

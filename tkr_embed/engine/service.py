@@ -24,7 +24,7 @@ from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
 from .batcher import Batcher
 from .cache import EmbeddingCache, item_key
-from .shards import ShardedForward, make_sharded_forward
+from .shards import ShardedForward, available_cores, make_sharded_forward
 from .worker import MLXWorker
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ class EmbeddingService:
         self.sharded: ShardedForward | None = None  # made on the worker at start (shared in a pool)
         if shared_with is None:
             self.worker = MLXWorker(settings.model.device)
-            self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads, thread_name_prefix="tkr-cpu")
+            self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads or available_cores(),
+                                               thread_name_prefix="tkr-cpu")
         else:
             self.worker, self.cpu_pool = shared_with.worker, shared_with.cpu_pool
         self.active_requests = 0  # embed() calls in progress (the pool never evicts a busy model)
@@ -130,7 +131,8 @@ class EmbeddingService:
                  emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
         e = self.settings.engine
         self.batcher = Batcher(self._run_batch, e.max_batch_tokens, e.max_batch_items,
-                               e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch)
+                               e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
+                               min_padding_efficiency=e.min_padding_efficiency)
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request
         # (one item per shard, so every CPU stream has run once).

@@ -42,22 +42,32 @@ def resolve_shards(setting: int, on_cpu: bool) -> int:
 
 
 def split_by_cost(costs: Sequence[int], shards: int) -> list[list[int]]:
-    """Indices of the items, sorted by cost and cut into at most `shards` contiguous runs whose
-    padded sizes (items x longest item) are as even as a greedy cut makes them."""
-    order = sorted(range(len(costs)), key=lambda i: costs[i])
-    shards = max(1, min(shards, len(order)))
-    total = sum(costs)
-    runs: list[list[int]] = [[]]
-    done = 0
-    for pos, i in enumerate(order):
-        left_items = len(order) - pos
-        left_runs = shards - len(runs)
-        # Close the current run once it holds its share, keeping an item for each run still to come.
-        if runs[-1] and left_runs > 0 and (done >= total * len(runs) / shards or left_items == left_runs):
-            runs.append([])
-        runs[-1].append(i)
-        done += costs[i]
-    return runs
+    """Indices of the items, sorted by cost and cut into at most `shards` contiguous runs so that
+    the largest padded run (items x its longest item) is as small as it can be: short items never
+    pad up to long ones when a cut between them keeps the slowest shard no slower."""
+    order = sorted(range(len(costs)), key=costs.__getitem__)
+    c = [costs[i] for i in order]
+    if not c:
+        return []
+
+    def pack(limit: int) -> list[tuple[int, int]]:
+        # Greedy, longest runs first: the fewest runs whose padded sizes stay within limit.
+        runs, start = [], 0
+        for end in range(1, len(c) + 1):
+            if (end - start) * c[end - 1] > limit:
+                runs.append((start, end - 1))
+                start = end - 1
+        runs.append((start, len(c)))
+        return runs
+
+    lo, hi = c[-1], len(c) * c[-1]  # the longest item alone .. everything in one run
+    while lo < hi:  # the smallest limit that `shards` runs can meet
+        mid = (lo + hi) // 2
+        if len(pack(mid)) <= shards:
+            hi = mid
+        else:
+            lo = mid + 1
+    return [[order[i] for i in range(s, e)] for s, e in pack(lo)]
 
 
 class ShardedForward:
