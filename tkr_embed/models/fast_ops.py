@@ -69,8 +69,11 @@ class PolyExpSelfAttention(BertSelfAttention):
         scores = q @ k.transpose(0, 1, 3, 2)
         if mask is not None:  # additive: 0 for tokens, the dtype's minimum for padding
             scores = scores + mask
-        weights = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
-        out = (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+        # float32 whatever the model's dtype: eight squarings would multiply a half-precision
+        # rounding error by 256.
+        shifted = (scores - mx.max(scores, axis=-1, keepdims=True)).astype(mx.float32)
+        weights = exp_nonpositive(shifted)
+        out = (weights.astype(v.dtype) @ v) / mx.sum(weights, axis=-1, keepdims=True).astype(v.dtype)
         return out.transpose(0, 2, 1, 3).reshape(B, L, self.all_head_size)
 
 
