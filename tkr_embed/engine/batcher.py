@@ -3,10 +3,10 @@
 A batch is bounded by `max_batch_items` and by `max_batch_tokens` counted as padded length x
 items (image tokens included, since they are part of the sequence). The oldest waiting item is
 always in the next batch (nothing starves); the rest are its neighbours in length order, chosen
-to add the least padding, and never so many that padding would pass `min_padding_efficiency`
-(real / padded tokens): queries and long passages waiting together run as two batches rather
-than one where every query pads to a passage's length. While the worker runs one batch, new arrivals queue up and form the next
-one, so batches grow with load without any fixed wait.
+to add the least padding, and never so many that real / padded tokens fall below
+`min_padding_efficiency`: queries and long passages waiting together run as two batches rather
+than one where every query pads to a passage's length. While the worker runs one batch, new
+arrivals queue up and form the next one, so batches grow with load without any fixed wait.
 """
 
 from __future__ import annotations

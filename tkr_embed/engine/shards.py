@@ -78,10 +78,11 @@ class ShardedForward:
         import mlx.core as mx
 
         self.shards = shards
-        self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)] if shards > 1 else []
+        self._streams: list = []
         if shards > 1:
             from ..blas import set_blas_threads
 
+            self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
             # Each stream's matmuls on one core: threads of a parallel BLAS would fight the
             # other streams for the same cores.
             set_blas_threads(1)

@@ -99,3 +99,14 @@ class Embedder(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+
+class EvaluatingForward:
+    """forward() for embedders that define encode(): evaluate the lazy vectors, hand back numpy."""
+
+    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
+        import mlx.core as mx
+
+        pooled = self.encode(batch)
+        mx.eval(pooled)
+        return np.array(pooled, copy=True)

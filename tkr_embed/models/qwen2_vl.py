@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from .base import IMAGE, TEXT, EmbedItem, Prepared, UnsupportedInput
+from .base import EvaluatingForward, IMAGE, TEXT, EmbedItem, Prepared, UnsupportedInput
 from .qwen2_vl_image import Qwen2VLImageConfig, num_image_tokens, preprocess_image
 
 DEFAULT_INSTRUCTION = "You are a helpful assistant."
@@ -46,7 +46,7 @@ def family_min_pixels(model_id: str) -> int | None:
     return None
 
 
-class Qwen2VLEmbedder:
+class Qwen2VLEmbedder(EvaluatingForward):
     family = "qwen2_vl"
     modalities = frozenset({TEXT, IMAGE})
 
@@ -180,13 +180,6 @@ class Qwen2VLEmbedder:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     # ---- worker side ----------------------------------------------------------------------
-    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
-        import mlx.core as mx
-
-        pooled = self.encode(batch)
-        mx.eval(pooled)
-        return np.array(pooled, copy=True)
-
     def encode(self, batch: Sequence[Prepared]):
         """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension])."""
         import mlx.core as mx

@@ -14,14 +14,14 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from .base import TEXT, EmbedItem, Prepared, UnsupportedInput
+from .base import EvaluatingForward, TEXT, EmbedItem, Prepared, UnsupportedInput
 
 
 def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-class TextEncoderEmbedder:
+class TextEncoderEmbedder(EvaluatingForward):
     family = "text_encoder"
     modalities = frozenset({TEXT})
 
@@ -78,13 +78,6 @@ class TextEncoderEmbedder:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
-        import mlx.core as mx
-
-        pooled = self.encode(batch)
-        mx.eval(pooled)
-        return np.array(pooled, copy=True)
 
     def encode(self, batch: Sequence[Prepared]):
         """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension])."""
