@@ -57,3 +57,39 @@ def test_image_cases_send_distinct_images():
     req = build_case("fused", "/v1/embeddings", "m", image_side=32)
     a, b = (json.loads(req(i)[1])["input"][0] for i in (10**11, 10**11 + 1))
     assert a[1]["image_url"]["url"] != b[1]["image_url"]["url"] and a[0]["text"] != b[0]["text"]
+
+
+async def test_a_connection_closed_while_idle_before_the_start_is_reopened():
+    """A server's keep-alive timeout can close a client's connection while the other clients are
+    still warming up (slow first requests on a GPU): the client reconnects, as HTTP pools do,
+    instead of dying and silently lowering the concurrency being measured."""
+    bodies: list[bytes] = []
+    served = 0
+
+    async def handle(reader, writer):
+        nonlocal served
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+        bodies.append(await reader.readexactly(length))
+        served += 1
+        writer.write(b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        if served <= 2:  # the warm-up answers, then the connection is closed while idle
+            writer.close()
+            return
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                return
+            length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    result = await run_level(url, build_case("short", "/v1/embeddings", "m"), concurrency=2, duration=0.3)
+    server.close()
+    assert result["client_failures"] == [] and result["reconnects"] == 2 and result["requests"] > 10

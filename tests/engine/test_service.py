@@ -122,3 +122,25 @@ async def test_info_reports_model_cache_batcher_and_memory(service):
     assert info["memory"]["mlx"]["active_bytes"] > 0
     assert {"hits", "misses", "size", "hit_rate"} <= set(info["cache"])
     assert info["batcher"]["max_batch_items"] == 64
+
+
+async def test_shape_buckets_warm_every_batch_size_and_change_no_vector(service):
+    """engine.shape_buckets=on (CUDA's default) forced on the CPU: the warm-up runs every bucketed
+    batch size once, and concurrent requests get the vectors the unpadded service gives."""
+    bucketed = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.shape_buckets": "on",
+                                                              "engine.max_batch_items": 16}))
+    await bucketed.start()
+    try:
+        assert bucketed.info()["worker"]["shape_buckets"] is True
+        assert bucketed.info()["worker"]["cpu_shards"] == 1
+        # warm-up: one pass per shard count, then one per bucket up to 16 items
+        assert bucketed.worker.jobs_run >= 1 + len([1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16])
+        texts = [f"bucketed request {i} " + "word " * (i * 3) for i in range(11)]
+        padded = await asyncio.gather(*(bucketed.embed([EmbedItem(text=t)]) for t in texts))
+        plain = await asyncio.gather(*(service.embed([EmbedItem(text=t)]) for t in texts))
+        for a, b in zip(padded, plain):
+            assert cosine(a.vectors[0], b.vectors[0]) >= 0.99999
+            assert a.token_counts == b.token_counts  # padding is not billed
+    finally:
+        await bucketed.stop()
+    assert service.info()["worker"]["shape_buckets"] is False  # auto on a CPU backend

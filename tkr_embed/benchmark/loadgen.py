@@ -60,8 +60,11 @@ def encode_request(host: str, path: str, body: bytes, headers: dict[str, str]) -
 
 
 async def run_level(url: str, requests, concurrency: int, duration: float,
-                    headers: dict[str, str] | None = None, warmup: int = 1) -> dict:
-    """requests(i) -> (path, body bytes) for the i-th request of the run."""
+                    headers: dict[str, str] | None = None, warmup: int = 1, warmup_seconds: float = 0) -> dict:
+    """requests(i) -> (path, body bytes) for the i-th request of the run. Each client sends
+    `warmup` requests on its own first; then all run together, unmeasured for `warmup_seconds`
+    (a backend that compiles each new batch shape once reaches its steady state), then measured
+    for `duration`: only requests sent after the measurement began count."""
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
     headers = headers or {}
@@ -80,6 +83,9 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
     start = asyncio.Event()
     ready = 0
     stop_at = [0.0]
+    measure_from = [0.0]
+
+    reconnects = [0]
 
     async def client() -> None:
         nonlocal ready
@@ -89,9 +95,24 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
                 await one(reader, writer, next(counter))
             ready += 1
             await start.wait()
+            first = True
             while time.perf_counter() < stop_at[0]:
                 t0 = time.perf_counter()
-                status, body = await one(reader, writer, next(counter))
+                try:
+                    status, body = await one(reader, writer, next(counter))
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    if not first:
+                        raise
+                    # The server closed this connection while it sat idle waiting for the others
+                    # to warm up (keep-alive timeout): reconnect, as HTTP client pools do.
+                    writer.close()
+                    reconnects[0] += 1
+                    reader, writer = await asyncio.open_connection(host, port)
+                    t0 = time.perf_counter()
+                    status, body = await one(reader, writer, next(counter))
+                first = False
+                if t0 < measure_from[0]:
+                    continue
                 if status == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
@@ -105,7 +126,7 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
     tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
     while ready < concurrency and not any(t.done() for t in tasks):
         await asyncio.sleep(0.01)
-    t0 = time.perf_counter()
+    t0 = measure_from[0] = time.perf_counter() + warmup_seconds
     stop_at[0] = t0 + duration
     start.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -122,7 +143,7 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
         "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
         "errors": sum(statuses.values()), "error_statuses": statuses,
         "first_error": first_error[0] if first_error else None,
-        "client_failures": failures[:3],
+        "client_failures": failures[:3], "reconnects": reconnects[0],
     }
 
 
@@ -135,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1])
     ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--warmup-seconds", type=float, default=0, help="per level, run unmeasured this long first")
     ap.add_argument("--image-side", type=int, default=128)
     args = ap.parse_args(argv)
     requests = build_case(args.case, args.path, args.model, args.image_side)
@@ -144,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    out = [runner(run_level(args.url, requests, c, args.duration, headers)) for c in args.concurrency]
+    out = [runner(run_level(args.url, requests, c, args.duration, headers,
+                                      warmup_seconds=args.warmup_seconds)) for c in args.concurrency]
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 

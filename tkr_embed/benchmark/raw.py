@@ -67,7 +67,8 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
     worker = MLXWorker(device)
     worker.start()
     emb = worker.call(load_embedder, resolve_model_dir(model), "none").embedder
-    # The engine's own forward: split across CPU streams as the server does (engine.cpu_shards).
+    # The engine's own forward: split across CPU streams as the server does (engine.cpu_shards),
+    # never padded to shape buckets (the server's padding counts against the server, not here).
     sharded = worker.call(make_sharded_forward, cpu_shards)
     if dtype:
         import mlx.core as mx

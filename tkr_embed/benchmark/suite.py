@@ -160,6 +160,7 @@ def measure_raw(system: str, model: str, case: str, args) -> dict:
 def drive(running: Running, case: str, args) -> list[dict]:
     argv = [sys.executable, "-m", "tkr_embed.benchmark.loadgen", "--url", running.url, "--path", running.server.path,
             "--case", case, "--model", running.server.model_name, "--duration", str(args.duration),
+            "--warmup-seconds", str(args.warmup),
             "--image-side", str(args.image_side),
             "--concurrency", *map(str, args.concurrency)]
     return run_json(argv)
@@ -257,7 +258,7 @@ def run_suite(args) -> dict:
     text_model = str(resolve_model_dir(args.text_model).path)
     mm_model = ensure_tiny_model(args.multimodal_model, work) if set(args.cases) & set(IMAGE_CASES) else None
     result: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                    "argv": sys.argv[1:], "duration_s": args.duration, "concurrency": args.concurrency,
+                    "argv": sys.argv[1:], "duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
                     "models": {}, "raw": {}, "servers": {}, "errors": []}
     if args.raw_from:
         result["raw"] = json.loads(Path(args.raw_from).read_text())["raw"]
@@ -315,6 +316,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     choices=TEXT_CASES + IMAGE_CASES)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--duration", type=float, default=10, help="seconds per concurrency level")
+    ap.add_argument("--warmup", type=float, default=0,
+                    help="seconds each level runs unmeasured first (MLX on CUDA compiles each new batch shape once)")
     ap.add_argument("--raw-seconds", type=float, default=4)
     ap.add_argument("--raw-timeout", type=float, default=1800, help="seconds one raw measurement may take")
     ap.add_argument("--raw-batch", type=int, nargs="+", default=[1, 8, 16, 32, 64])

@@ -9,7 +9,8 @@ models/fast_ops.py took the raw forward from 77 to 211 texts/s on short texts an
 12.5 on 252-token ones (docs/benchmarks.md, "The CPU fast path, part by part").
 
 Items are sorted by length before splitting, so each shard pads only to its own longest item.
-GPU backends keep one shard: the device already runs the whole batch in parallel.
+GPU backends keep one shard: the device already runs the whole batch in parallel; on CUDA the
+batch is padded to a bucketed shape instead (engine/shapes.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..models.base import Embedder, Prepared
+from .shapes import ShapeBuckets, resolve_shape_buckets
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,14 @@ def split_by_cost(costs: Sequence[int], shards: int) -> list[list[int]]:
 
 
 class ShardedForward:
-    """Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
+    """The engine's forward pass: split across CPU streams, or padded to a bucketed shape.
+    Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
-    def __init__(self, shards: int):
+    def __init__(self, shards: int, buckets: ShapeBuckets | None = None):
         import mlx.core as mx
 
         self.shards = shards
+        self.buckets = buckets
         self._streams: list = []
         if shards > 1:
             from ..blas import set_blas_threads
@@ -90,6 +94,9 @@ class ShardedForward:
     def __call__(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
         import mlx.core as mx
 
+        if self.buckets is not None:
+            padded, length = self.buckets.pad(batch, embedder.max_tokens)
+            return embedder.forward(padded, length)[: len(batch)]
         if self.shards == 1 or len(batch) == 1:
             return embedder.forward(batch)
         runs = split_by_cost([p.cost for p in batch], self.shards)
@@ -104,11 +111,21 @@ class ShardedForward:
         return result
 
 
-def make_sharded_forward(setting: int) -> ShardedForward:
-    """Worker thread only (CPU streams exist only on the thread that made them)."""
+def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64) -> ShardedForward:
+    """Worker thread only (CPU streams exist only on the thread that made them).
+    setting: engine.cpu_shards; shape_buckets: engine.shape_buckets (auto|on|off)."""
+    import mlx.core as mx
+
     from ..models.quantize import on_cpu_backend
 
-    shards = resolve_shards(setting, on_cpu_backend())
+    on_cpu = on_cpu_backend()
+    shards = resolve_shards(setting, on_cpu)
     if shards > 1:
         log.info("forward passes split across %d CPU streams", shards)
-    return ShardedForward(shards)
+    buckets = None
+    cuda = getattr(getattr(mx, "cuda", None), "is_available", lambda: False)()
+    if resolve_shape_buckets(shape_buckets, on_cpu, cuda):
+        buckets = ShapeBuckets(max_items)
+        log.info("batches padded to bucketed shapes (engine.shape_buckets)")
+        shards = 1  # one padded batch; streams would split it into shapes of their own
+    return ShardedForward(shards, buckets)

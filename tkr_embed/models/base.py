@@ -82,11 +82,12 @@ class Embedder(Protocol):
 
     def prepare(self, item: EmbedItem) -> Prepared: ...
 
-    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
-        """Raw pooled vectors, float32 [len(batch), dimension]. Worker thread only."""
+    def forward(self, batch: Sequence[Prepared], length: int | None = None) -> np.ndarray:
+        """Raw pooled vectors, float32 [len(batch), dimension]. Every row is padded to `length`
+        tokens (None: the longest item's; engine/shapes.py pads further). Worker thread only."""
         ...
 
-    def encode(self, batch: Sequence[Prepared]) -> Any:
+    def encode(self, batch: Sequence[Prepared], length: int | None = None) -> Any:
         """forward's vectors as a lazy mx.array, built on the current stream and not evaluated
         (the engine evaluates several shards at once). Worker thread only."""
         ...
@@ -104,9 +105,9 @@ class Embedder(Protocol):
 class EvaluatingForward:
     """forward() for embedders that define encode(): evaluate the lazy vectors, hand back numpy."""
 
-    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
+    def forward(self, batch: Sequence[Prepared], length: int | None = None) -> np.ndarray:
         import mlx.core as mx
 
-        pooled = self.encode(batch)
+        pooled = self.encode(batch, length)
         mx.eval(pooled)
         return np.array(pooled, copy=True)

@@ -180,12 +180,14 @@ class Qwen2VLEmbedder(EvaluatingForward):
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     # ---- worker side ----------------------------------------------------------------------
-    def encode(self, batch: Sequence[Prepared]):
-        """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension])."""
+    def encode(self, batch: Sequence[Prepared], length: int | None = None):
+        """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension]). Rows are
+        right-padded to `length`: the model is causal and pools each row's last real token, so
+        padding after it changes the shape, not the vectors."""
         import mlx.core as mx
 
         b = len(batch)
-        length = max(p.cost for p in batch)
+        length = max(length or 0, max(p.cost for p in batch))
         ids = np.full((b, length), self.pad_id, dtype=np.int32)
         positions = np.ones((3, b, length), dtype=np.int32)
         for i, p in enumerate(batch):

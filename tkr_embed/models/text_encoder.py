@@ -79,12 +79,13 @@ class TextEncoderEmbedder(EvaluatingForward):
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, batch: Sequence[Prepared]):
-        """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension])."""
+    def encode(self, batch: Sequence[Prepared], length: int | None = None):
+        """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension]); padding
+        tokens are masked, so `length` changes the shape, not the vectors."""
         import mlx.core as mx
         from mlx_vlm.models.pooling import pool_by_config
 
-        length = max(p.cost for p in batch)
+        length = max(length or 0, max(p.cost for p in batch))
         ids = np.full((len(batch), length), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(batch), length), dtype=np.int32)
         for i, p in enumerate(batch):

