@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=["short"])
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--duration", type=float, default=8)
+    ap.add_argument("--warmup", type=float, default=0, help="seconds of unmeasured load first")
     ap.add_argument("--model", help="the served model (default: the packaged MiniLM; a tiny Qwen2-VL for images)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--image-side", type=int, default=128)

@@ -94,9 +94,11 @@ class Qwen2VLEmbedder(EvaluatingForward):
     def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str, **kw) -> "Qwen2VLEmbedder":
         """Worker thread only: builds MLX arrays."""
         from .qwen2_vl_checkpoint import load_qwen2_vl
+        from .qwen2_vl_vision import use_batched_vision
         from .quantize import apply_quantization
 
         model = load_qwen2_vl(model_dir, config)
+        use_batched_vision(model)
         # The vision tower stays in full precision: it is small and sensitive to quantisation.
         apply_quantization(model.language_model, quantization)
         return cls(model_dir, model_id, config, model, quantization, **kw)
@@ -202,7 +204,7 @@ class Qwen2VLEmbedder(EvaluatingForward):
             tower = self.model.vision_tower
             dtype = tower.patch_embed.proj.weight.dtype
             pixels = mx.array(np.concatenate([p.extras["pixel_values"] for p in with_images])).astype(dtype)
-            grid = mx.array(np.concatenate([p.extras["grid_thw"] for p in with_images]))
+            grid = np.concatenate([p.extras["grid_thw"] for p in with_images])  # host data (qwen2_vl_vision.py)
             features = tower(pixels, grid, output_hidden_states=False)
             # Image features fill the <|image_pad|> slots in row-major order: item by item,
             # image by image, the same order the features were concatenated in.
