@@ -33,3 +33,24 @@ def png_bytes(w: int, h: int, seed: int = 0, mode: str = "RGB", fmt: str = "PNG"
 def cosine(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def decoded_png(seed: int, w: int = 56, h: int = 84):
+    """A decoded random image, as the API hands it to the engine."""
+    from tkr_embed.engine.media import decode_image
+
+    return decode_image(png_bytes(w, h, seed), 10**8, 10**9, ["PNG"])
+
+
+def mixed_multimodal_items():
+    """Text only, image only, text + image, a long text, two images in one item: the item kinds a
+    Qwen2-VL batch mixes, with different lengths and image sizes."""
+    from tkr_embed.models.base import EmbedItem
+
+    return [
+        EmbedItem(text="a short query"),
+        EmbedItem(images=(decoded_png(1),)),
+        EmbedItem(text="a caption with its picture", images=(decoded_png(2, 112, 56),)),
+        EmbedItem(text="a much longer passage about local embedding servers " * 4),
+        EmbedItem(images=(decoded_png(3), decoded_png(4, 28, 28))),
+    ]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tkr_embed.engine.media import decode_image
 from tkr_embed.engine.shapes import ShapeBuckets, bucket, buckets_up_to, resolve_shape_buckets
 from tkr_embed.engine.shards import ShardedForward
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
-from tests.helpers import png_bytes
+from tests.helpers import decoded_png, mixed_multimodal_items
 
 
 def test_buckets_are_every_small_size_then_four_per_octave():
@@ -73,19 +72,11 @@ def test_bucketed_minilm_matches_each_item_alone(worker, minilm):
 
 
 def test_bucketed_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
-    def img(seed, w=56, h=84):
-        return decode_image(png_bytes(w, h, seed), 10**8, 10**9, ["PNG"])
-
-    items = [
-        EmbedItem(text="a short query"),
-        EmbedItem(images=(img(1),)),
-        EmbedItem(text="a caption with its picture", images=(img(2, 112, 56),)),
-        EmbedItem(text="a much longer passage about local embedding servers " * 3),
-        EmbedItem(images=(img(3), img(4, 28, 28))),
-        EmbedItem(text="the last item, repeated as padding", images=(img(5),)),
+    items = mixed_multimodal_items() + [
+        EmbedItem(text="the last item, repeated as padding", images=(decoded_png(5),)),
         EmbedItem(text="one more so that nine pad to ten"),
         EmbedItem(text="eight"),
-        EmbedItem(text="nine", images=(img(6, 28, 56),)),
+        EmbedItem(text="nine", images=(decoded_png(6, 28, 56),)),
     ]
     prepared = [tiny.prepare(i) for i in items]
     longest = max(p.cost for p in prepared)

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from tkr_embed.blas import set_blas_threads
-from tkr_embed.engine.media import decode_image
 from tkr_embed.engine.shards import ShardedForward, resolve_shards, split_by_cost
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
-from tests.helpers import png_bytes
+from tests.helpers import mixed_multimodal_items
 
 
 def _padded(costs, run):
@@ -91,16 +90,7 @@ def test_sharded_minilm_matches_each_item_alone(worker, minilm, shards):
 
 
 def test_sharded_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
-    def img(seed, w=56, h=84):
-        return decode_image(png_bytes(w, h, seed), 10**8, 10**9, ["PNG"])
-
-    items = [
-        EmbedItem(text="a short query"),
-        EmbedItem(images=(img(1),)),
-        EmbedItem(text="a caption with its picture", images=(img(2, 112, 56),)),
-        EmbedItem(text="a much longer passage about local embedding servers " * 4),
-        EmbedItem(images=(img(3), img(4, 28, 28))),
-    ]
+    items = mixed_multimodal_items()
     prepared = [tiny.prepare(i) for i in items]
     sharded = worker.call(ShardedForward, 2)
     out = worker.call(sharded, tiny, prepared)
