@@ -88,6 +88,10 @@ async def test_wrong_content_types_and_bodies(api):
     client, _ = api
     r = await client.post("/embed/text", content=b"{broken", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    # orjson parses bodies (api/responses.py): what it refuses is invalid JSON, not a server error
+    for body in (b'{"texts": [NaN]}', b'{"texts": ["x"]', b'{"texts": ["\xff"]}', b'{"texts": [1e999999]}'):
+        r = await client.post("/embed/text", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], (body, r.text)
     r = await client.post("/embed/text", data={"texts": "x"})
     assert r.status_code == 415
     r = await client.post("/embed/text", content=b"texts", headers={"content-type": "text/plain"})
@@ -171,3 +175,18 @@ async def test_unexpected_errors_get_the_envelope_without_internals(api):
     assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
     assert "secret internal detail" not in r.text and "passwd" not in r.text
     assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+
+
+def test_every_route_that_takes_a_body_parses_it_with_orjson():
+    """A router added without route_class=FastJSONRoute would silently parse with the stdlib."""
+    from fastapi.routing import APIRoute
+
+    from tkr_embed.api.app import create_app
+    from tkr_embed.api.responses import FastJSONRoute
+    from tests.conftest import MINILM_SPEC
+    from tests.helpers import make_settings
+
+    app = create_app(make_settings(MINILM_SPEC))
+    with_body = [r for r in app.routes if isinstance(r, APIRoute) and r.methods & {"POST", "PUT", "PATCH"}]
+    assert len(with_body) >= 8
+    assert [r.path for r in with_body if not isinstance(r, FastJSONRoute)] == []

@@ -14,10 +14,10 @@ from ...auth.store import UNSET, KeyNotFound, KeyStore
 from ...engine.pool import ModelBusy, OverBudget, UnknownModel
 from ...models.registry import ModelLoadError
 from ..errors import APIError
-from ..responses import FastJSONResponse
+from ..responses import FastJSONResponse, FastJSONRoute
 from ..security import require
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require("admin"))])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require("admin"))], route_class=FastJSONRoute)
 
 
 class RateLimits(BaseModel):

@@ -10,11 +10,11 @@ from ...engine.service import EmbeddingService, EmbedResult
 from ...models.base import EmbedItem
 from ..deps import (check_item_count, check_text, count_items, decode_images, read_upload,
                     require_content_type, require_images, run_embedding, service_for)
-from ..responses import FastJSONResponse
+from ..responses import FastJSONResponse, FastJSONRoute
 from ..security import require
 from ..schemas import EmbedResponse, TextEmbedRequest
 
-router = APIRouter(tags=["embeddings"])
+router = APIRouter(tags=["embeddings"], route_class=FastJSONRoute)
 
 
 def _respond(service: EmbeddingService, result: EmbedResult, started: float) -> FastJSONResponse:

@@ -22,10 +22,10 @@ from ...models.base import EmbedItem
 from ..deps import (check_text, count_items, decode_images, get_service, require_content_type, require_images,
                     run_embedding, service_for)
 from ..errors import APIError
-from ..responses import FastJSONResponse
+from ..responses import FastJSONResponse, FastJSONRoute
 from ..security import check_permissions, principal_of, require
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=FastJSONRoute)
 
 MAX_INPUTS = 2048
 

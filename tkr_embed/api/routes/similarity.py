@@ -12,11 +12,11 @@ from ...models.base import EmbedItem
 from ..deps import (check_item_count, check_text, count_items, decode_images, require_content_type,
                     require_images, run_embedding, service_for)
 from ..errors import APIError
-from ..responses import FastJSONResponse
+from ..responses import FastJSONResponse, FastJSONRoute
 from ..security import check_permissions, require
 from ..schemas import MultimodalInput, SimilarityInput, SimilarityRequest, SimilarityResponse
 
-router = APIRouter(tags=["similarity"])
+router = APIRouter(tags=["similarity"], route_class=FastJSONRoute)
 
 
 async def _to_items(request: Request, service: EmbeddingService, inputs: list[tuple[str, SimilarityInput]],

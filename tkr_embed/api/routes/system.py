@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ... import __version__
 from ...engine.service import EmbeddingService
 from ..deps import get_service
-from ..responses import FastJSONResponse
+from ..responses import FastJSONResponse, FastJSONRoute
 from ..schemas import HealthResponse
 from ..metrics import is_loopback
 from ..security import check_permissions
@@ -18,7 +18,7 @@ from ..security import check_permissions
 # (Not a ping through the queue: a long batch under load is normal and must not flip readiness.)
 WORKER_STALL_SECONDS = 120.0
 
-router = APIRouter(tags=["system"])
+router = APIRouter(tags=["system"], route_class=FastJSONRoute)
 
 
 @router.get("/health", response_model=HealthResponse)
