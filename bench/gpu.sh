@@ -12,5 +12,5 @@ OUT_DIR=${OUT_DIR:-docs/bench}
 [ -d "$MODEL" ] || python3 -m tkr_embed.benchmark.sized_model "$MODEL" --tokenizer-from "$TOKENIZER_FROM"
 python3 -m tkr_embed bench --systems ${SYSTEMS-tkr-embed} --raw ${RAW-mlx-engine torch} ${RAW_FROM:+--raw-from "$RAW_FROM"} \
   --cases short long image fused --text-model "$MODEL" --multimodal-model "$MODEL" --device gpu --dtype bfloat16 \
-  --image-side 448 --raw-batch 1 8 32 64 --raw-seconds 2 --concurrency 1 8 32 64 --duration 5 --warmup 3 \
+  --image-side 448 --raw-batch 1 8 32 64 --raw-seconds 2 --concurrency 1 8 32 64 --duration 5 --warmup 3 --prebuild-rate 150 \
   --out "$OUT_DIR/${OUT_NAME:-gpu.json}"

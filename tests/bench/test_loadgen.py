@@ -93,3 +93,21 @@ async def test_a_connection_closed_while_idle_before_the_start_is_reopened():
     result = await run_level(url, build_case("short", "/v1/embeddings", "m"), concurrency=2, duration=0.3)
     server.close()
     assert result["client_failures"] == [] and result["reconnects"] == 2 and result["requests"] > 10
+
+
+async def test_prebuilt_requests_go_first_and_numbers_never_repeat():
+    """Image requests are built before the clock in parallel processes (building a 448-pixel PNG
+    in the run capped the generator near 40 requests/s); live-built ones continue the numbering."""
+    from tkr_embed.benchmark.loadgen import prebuild
+
+    ready, next_number = prebuild("fused", "/v1/embeddings", "m", 32, 6)
+    assert len(ready) == 6
+    bodies: list[bytes] = []
+    server, url = await serve(bodies, chunked=False)
+    result = await run_level(url, build_case("fused", "/v1/embeddings", "m", image_side=32), concurrency=2,
+                             duration=0.3, prebuilt=ready, first_number=next_number)
+    server.close()
+    assert bodies[:6] == [body for _, body in ready]
+    assert result["built_live"] == len(bodies) - 6 > 0
+    texts = [json.loads(b)["input"][0][0]["text"] for b in bodies]
+    assert len(set(texts)) == len(texts)

@@ -160,7 +160,7 @@ def measure_raw(system: str, model: str, case: str, args) -> dict:
 def drive(running: Running, case: str, args) -> list[dict]:
     argv = [sys.executable, "-m", "tkr_embed.benchmark.loadgen", "--url", running.url, "--path", running.server.path,
             "--case", case, "--model", running.server.model_name, "--duration", str(args.duration),
-            "--warmup-seconds", str(args.warmup),
+            "--warmup-seconds", str(args.warmup), "--prebuild-rate", str(args.prebuild_rate if case in IMAGE_CASES else 0),
             "--image-side", str(args.image_side),
             "--concurrency", *map(str, args.concurrency)]
     return run_json(argv)
@@ -316,6 +316,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     choices=TEXT_CASES + IMAGE_CASES)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--duration", type=float, default=10, help="seconds per concurrency level")
+    ap.add_argument("--prebuild-rate", type=float, default=300,
+                    help="image cases: requests/s the load generator builds ahead of each level (0: build during it)")
     ap.add_argument("--warmup", type=float, default=0,
                     help="seconds each level runs unmeasured first (MLX on CUDA compiles each new batch shape once)")
     ap.add_argument("--raw-seconds", type=float, default=4)
