@@ -69,7 +69,17 @@ class EngineSettings(_Section):
     # Pad each batch to one of a few sizes and lengths (engine/shapes.py): a new batch shape costs
     # MLX's CUDA backend a one-off 0.1-0.3 s. auto = on for CUDA only; on/off force it.
     shape_buckets: Literal["auto", "on", "off"] = "auto"
+    # Trace a model's decoder with mx.compile, once per batch shape (Qwen2-VL embedders): fused
+    # element-wise ops, less graph building. auto = on for CUDA, as shape_buckets (each new shape
+    # costs a trace, so only where shapes are few).
+    compile: Literal["auto", "on", "off"] = "auto"
     retry_after_seconds: int = Field(1, ge=1)
+
+    @field_validator("shape_buckets", "compile", mode="before")
+    @classmethod
+    def _switch(cls, v):
+        # YAML (and env values parsed as YAML) read a bare off/on as false/true.
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
 
 class CacheSettings(_Section):

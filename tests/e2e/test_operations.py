@@ -41,7 +41,8 @@ def test_sigterm_finishes_accepted_requests_then_exits_zero():
         assert all(isinstance(r, httpx.ConnectError) for r in others), others[:3]
         assert len(ok) >= queued
         assert all(len(r.json()["embeddings"][0]) == 384 for r in ok)
-        assert proc.wait(60) == 0
+        code = proc.wait(60)
+        assert code == 0, f"exit {code}; the server said:\n{proc.stdout.read()[-4000:]}"
 
 
 def test_json_logs_carry_request_fields_and_never_the_key():

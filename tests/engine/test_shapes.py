@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tkr_embed.engine.shapes import ShapeBuckets, bucket, buckets_up_to, resolve_shape_buckets
+from tkr_embed.engine.shapes import ShapeBuckets, bucket, buckets_up_to, resolve_compile, resolve_shape_buckets
 from tkr_embed.engine.shards import ShardedForward
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
@@ -29,6 +29,11 @@ def test_auto_buckets_only_on_cuda():
     assert not resolve_shape_buckets("auto", on_cpu=True, cuda=True)  # the CPU device of a CUDA build
     assert resolve_shape_buckets("on", on_cpu=True, cuda=False)
     assert not resolve_shape_buckets("off", on_cpu=False, cuda=True)
+    # engine.compile follows the same rule: traced once per shape, so only where shapes are bucketed
+    assert resolve_compile("auto", on_cpu=False, cuda=True)
+    assert not resolve_compile("auto", on_cpu=False, cuda=False)
+    assert not resolve_compile("auto", on_cpu=True, cuda=True)
+    assert resolve_compile("on", on_cpu=True, cuda=False)
 
 
 class _Item:
@@ -84,3 +89,17 @@ def test_bucketed_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
     assert len(padded) == 10 and length > longest  # both dimensions really padded
     out = worker.call(ShardedForward(1, ShapeBuckets(64)), tiny, prepared)
     np.testing.assert_allclose(out, _alone(worker, tiny, prepared), atol=1e-4)
+
+
+def test_compiled_decoder_gives_the_eager_vectors_shape_after_shape(worker, tiny_dir):
+    """engine.compile (CUDA's default) forced on the CPU: the tiny Qwen2-VL with its decoder traced
+    by mx.compile gives the eager vectors, for bucketed batches with images, for a second shape,
+    and for the first shape replayed with other items (pooled positions are inputs, not constants)."""
+    eager = worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
+    compiled = worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
+    worker.call(compiled.use_compiled_decoder)
+    assert compiled.compiled and not eager.compiled
+    prepared = [eager.prepare(i) for i in mixed_multimodal_items()]
+    forward = ShardedForward(1, ShapeBuckets(64), compile=True)
+    for batch in (prepared, prepared[:3], prepared[::-1]):
+        np.testing.assert_allclose(worker.call(forward, compiled, batch), worker.call(forward, eager, batch), atol=1e-5)

@@ -69,11 +69,14 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
     emb = worker.call(load_embedder, resolve_model_dir(model), "none").embedder
     # The engine's own forward: split across CPU streams as the server does (engine.cpu_shards),
     # never padded to shape buckets (the server's padding counts against the server, not here).
-    sharded = worker.call(make_sharded_forward, cpu_shards)
+    # Its decoder compiled where the server's would be (engine.compile: auto).
+    sharded = worker.call(make_sharded_forward, cpu_shards, "off", 64, "auto")
     if dtype:
         import mlx.core as mx
 
         worker.call(lambda: emb.model.set_dtype(getattr(mx, dtype)))
+    if sharded.compile and hasattr(emb, "use_compiled_decoder"):
+        worker.call(emb.use_compiled_decoder)
     rows = []
     for b in batches:
         items = []
@@ -88,7 +91,7 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
         rows.append(row)
         print(f"batch {b}: {row}", file=sys.stderr, flush=True)
     return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(),
-            "cpu_shards": sharded.shards, "results": rows}
+            "cpu_shards": sharded.shards, "compiled": bool(getattr(emb, "compiled", False)), "results": rows}
 
 
 def torch_forward(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str,

@@ -123,13 +123,15 @@ class EmbeddingService:
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
-                                                    e.max_batch_items)
+                                                    e.max_batch_items, e.compile)
         else:
             self.sharded = self._shared_with.sharded
         self.loaded, self.memory_bytes = await self.worker.submit(
             _load_measured, resolved, m.quantization, m.max_tokens, m.min_pixels, m.max_pixels
         )
         emb = self.loaded.embedder
+        if self.sharded.compile and hasattr(emb, "use_compiled_decoder"):
+            await self.worker.submit(emb.use_compiled_decoder)
         log.info("loaded %s (%s, %d-d, quantization %s) in %.2fs", resolved.model_id, self.loaded.family,
                  emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
         e = self.settings.engine
@@ -309,6 +311,7 @@ class EmbeddingService:
                 "device": self.settings.model.device,  # the worker's, shared by every model
                 "cpu_shards": self.sharded.shards,  # CPU streams each batch is split across
                 "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
+                "compiled": bool(getattr(emb, "compiled", False)),  # the decoder runs mx.compile'd
             },
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }

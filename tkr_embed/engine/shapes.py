@@ -47,6 +47,12 @@ def resolve_shape_buckets(setting: str, on_cpu: bool, cuda: bool) -> bool:
     return setting == "on"
 
 
+def resolve_compile(setting: str, on_cpu: bool, cuda: bool) -> bool:
+    """engine.compile: auto means on for MLX's CUDA backend, as shape buckets are (a compiled graph
+    is traced once per shape: where shapes are unbounded it would keep tracing)."""
+    return resolve_shape_buckets(setting, on_cpu, cuda)
+
+
 class ShapeBuckets:
     """Pads batches to bucketed shapes, never beyond the engine's and the model's own limits."""
 

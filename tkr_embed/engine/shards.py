@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..models.base import Embedder, Prepared
-from .shapes import ShapeBuckets, resolve_shape_buckets
+from .shapes import ShapeBuckets, resolve_compile, resolve_shape_buckets
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,12 @@ class ShardedForward:
     """The engine's forward pass: split across CPU streams, or padded to a bucketed shape.
     Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
-    def __init__(self, shards: int, buckets: ShapeBuckets | None = None):
+    def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False):
         import mlx.core as mx
 
         self.shards = shards
         self.buckets = buckets
+        self.compile = compile  # models that support it run their decoder mx.compile'd
         self._streams: list = []
         if shards > 1:
             from ..blas import set_blas_threads
@@ -111,9 +112,10 @@ class ShardedForward:
         return result
 
 
-def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64) -> ShardedForward:
+def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64,
+                         compile: str = "off") -> ShardedForward:
     """Worker thread only (CPU streams exist only on the thread that made them).
-    setting: engine.cpu_shards; shape_buckets: engine.shape_buckets (auto|on|off)."""
+    setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off)."""
     import mlx.core as mx
 
     from ..models.quantize import on_cpu_backend
@@ -128,4 +130,7 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
         buckets = ShapeBuckets(max_items)
         log.info("batches padded to bucketed shapes (engine.shape_buckets)")
         shards = 1  # one padded batch; streams would split it into shapes of their own
-    return ShardedForward(shards, buckets)
+    compiled = resolve_compile(compile, on_cpu, cuda)
+    if compiled:
+        log.info("decoders traced with mx.compile per batch shape (engine.compile)")
+    return ShardedForward(shards, buckets, compiled)
