@@ -1,6 +1,6 @@
 """plan_batch: the packing rule, on plain numbers."""
 
-from tkr_embed.engine.batcher import plan_batch
+from tkr_embed.engine.batcher import plan_batch, resolve_batch_tokens
 
 
 def padded(costs, chosen):
@@ -51,3 +51,9 @@ def test_queries_and_passages_run_as_separate_batches_under_a_padding_floor():
 def test_padding_floor_still_runs_a_lone_outlier():
     chosen = plan_batch([26, 26, 252], [2, 1, 0], max_tokens=10**6, max_items=64, min_efficiency=0.9)
     assert chosen == [2]  # the oldest item is the long one: it runs, alone
+
+
+def test_batch_token_budget_by_backend_unless_set():
+    assert resolve_batch_tokens(0, on_cpu=True) == 4096  # CPU caches: smaller batches run faster
+    assert resolve_batch_tokens(0, on_cpu=False) == 16384  # GPUs: big batches
+    assert resolve_batch_tokens(3000, on_cpu=False) == 3000

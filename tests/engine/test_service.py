@@ -122,6 +122,7 @@ async def test_info_reports_model_cache_batcher_and_memory(service):
     assert info["memory"]["mlx"]["active_bytes"] > 0
     assert {"hits", "misses", "size", "hit_rate"} <= set(info["cache"])
     assert info["batcher"]["max_batch_items"] == 64
+    assert info["batcher"]["max_batch_tokens"] == 4096  # config.dev.yaml's 0: the CPU backend's budget
 
 
 async def test_shape_buckets_warm_every_batch_size_and_change_no_vector(service):

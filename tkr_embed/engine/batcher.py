@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Prepared]], Awaitable[np.ndarray]]
 
+# engine.max_batch_tokens 0 (auto), by backend. A GPU runs big batches at full speed. On MLX's CPU
+# backend a batch's activations fall out of the caches as it grows: MiniLM serving 215-token
+# texts to 64 clients on 2 cores did 9.9-11.0 requests/s with batches of up to 8192 padded tokens
+# and 15.6-16.0 with 4096 (2048: 14.3); 35-token texts were unchanged, their batches are bound
+# by max_batch_items first (docs/benchmarks.md, bench/ab_env.sh).
+AUTO_BATCH_TOKENS_CPU = 4096
+AUTO_BATCH_TOKENS_DEVICE = 16384
+
+
+def resolve_batch_tokens(setting: int, on_cpu: bool) -> int:
+    if setting > 0:
+        return setting
+    return AUTO_BATCH_TOKENS_CPU if on_cpu else AUTO_BATCH_TOKENS_DEVICE
+
 
 class QueueFull(RuntimeError):
     def __init__(self, retry_after: int, depth: int, limit: int):

@@ -22,7 +22,7 @@ import numpy as np
 from ..config import ModelSettings, Settings
 from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
-from .batcher import Batcher
+from .batcher import Batcher, resolve_batch_tokens
 from .cache import EmbeddingCache, item_key
 from .shapes import buckets_up_to
 from .shards import ShardedForward, available_cores, make_sharded_forward
@@ -93,6 +93,7 @@ class EmbeddingService:
         self._owns_worker = shared_with is None
         self._shared_with = shared_with
         self.sharded: ShardedForward | None = None  # made on the worker at start (shared in a pool)
+        self.on_cpu = False  # MLX computes on the CPU backend (found on the worker at start)
         if shared_with is None:
             self.worker = MLXWorker(settings.model.device)
             self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads or available_cores(),
@@ -120,12 +121,16 @@ class EmbeddingService:
             self.cpu_pool, lambda: resolve_model_dir(m.path, m.name, m.revision, m.download_dir)
         )
         if self._owns_worker:
+            from ..models.quantize import on_cpu_backend
+
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
                                                     e.max_batch_items, e.compile)
+            self.on_cpu = await self.worker.submit(on_cpu_backend)
         else:
             self.sharded = self._shared_with.sharded
+            self.on_cpu = self._shared_with.on_cpu
         self.loaded, self.memory_bytes = await self.worker.submit(
             _load_measured, resolved, m.quantization, m.max_tokens, m.min_pixels, m.max_pixels
         )
@@ -135,7 +140,8 @@ class EmbeddingService:
         log.info("loaded %s (%s, %d-d, quantization %s) in %.2fs", resolved.model_id, self.loaded.family,
                  emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
         e = self.settings.engine
-        self.batcher = Batcher(self._run_batch, e.max_batch_tokens, e.max_batch_items,
+        max_tokens = resolve_batch_tokens(e.max_batch_tokens, self.on_cpu)
+        self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency)
         self.batcher.start()
