@@ -55,7 +55,7 @@ class ModelSettings(_Section):
 
 class EngineSettings(_Section):
     # One batch's budget: padded sequence length x items (image tokens included). 0 = by backend:
-    # 16384 on GPUs, 4096 on MLX's CPU backend (engine/batcher.py says why).
+    # 8192 on GPUs, 4096 on MLX's CPU backend (engine/batcher.py says why).
     max_batch_tokens: int = Field(0, ge=0)
     max_batch_items: int = Field(64, ge=1)
     # Real / padded tokens a batch keeps at least: lower mixes lengths more (bigger batches, more padding).

@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Prepared]], Awaitable[np.ndarray]]
 
-# engine.max_batch_tokens 0 (auto), by backend. A GPU runs big batches at full speed. On MLX's CPU
-# backend a batch's activations fall out of the caches as it grows: MiniLM serving 215-token
-# texts to 64 clients on 2 cores did 9.9-11.0 requests/s with batches of up to 8192 padded tokens
-# and 15.6-16.0 with 4096 (2048: 14.3); 35-token texts were unchanged, their batches are bound
-# by max_batch_items first (docs/benchmarks.md, bench/ab_env.sh).
+# engine.max_batch_tokens 0 (auto), by backend, as measured with alternating fresh servers
+# (bench/ab_env.sh, docs/benchmarks.md). MLX's CPU backend: a batch's activations fall out of the
+# caches as it grows: MiniLM serving 215-token texts to 64 clients on 2 cores did 9.9-11.0
+# requests/s with batches of up to 8192 padded tokens, 15.6-16.0 with 4096 (2048: 14.3). An H100
+# with a Qwen2-VL-2B-sized model: 8192 against 16384, long texts 562-639 against 412-511
+# requests/s, short 984-1,109 against 818-850 (smaller batches let the event loop answer one
+# batch while the next runs).
 AUTO_BATCH_TOKENS_CPU = 4096
-AUTO_BATCH_TOKENS_DEVICE = 16384
+AUTO_BATCH_TOKENS_DEVICE = 8192
 
 
 def resolve_batch_tokens(setting: int, on_cpu: bool) -> int:
