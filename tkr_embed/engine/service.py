@@ -93,7 +93,6 @@ class EmbeddingService:
         self._owns_worker = shared_with is None
         self._shared_with = shared_with
         self.sharded: ShardedForward | None = None  # made on the worker at start (shared in a pool)
-        self.on_cpu = False  # MLX computes on the CPU backend (found on the worker at start)
         if shared_with is None:
             self.worker = MLXWorker(settings.model.device)
             self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads or available_cores(),
@@ -121,26 +120,21 @@ class EmbeddingService:
             self.cpu_pool, lambda: resolve_model_dir(m.path, m.name, m.revision, m.download_dir)
         )
         if self._owns_worker:
-            from ..models.quantize import on_cpu_backend
-
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
                                                     e.max_batch_items, e.compile)
-            self.on_cpu = await self.worker.submit(on_cpu_backend)
         else:
             self.sharded = self._shared_with.sharded
-            self.on_cpu = self._shared_with.on_cpu
         self.loaded, self.memory_bytes = await self.worker.submit(
             _load_measured, resolved, m.quantization, m.max_tokens, m.min_pixels, m.max_pixels
         )
         emb = self.loaded.embedder
-        if self.sharded.compile and hasattr(emb, "use_compiled_decoder"):
-            await self.worker.submit(emb.use_compiled_decoder)
+        await self.worker.submit(self.sharded.adopt, emb)
         log.info("loaded %s (%s, %d-d, quantization %s) in %.2fs", resolved.model_id, self.loaded.family,
                  emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
         e = self.settings.engine
-        max_tokens = resolve_batch_tokens(e.max_batch_tokens, self.on_cpu)
+        max_tokens = resolve_batch_tokens(e.max_batch_tokens, self.sharded.on_cpu)
         self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency)
@@ -151,11 +145,10 @@ class EmbeddingService:
         prepared = await loop.run_in_executor(self.cpu_pool, emb.prepare, warm)
         await self._run_batch([prepared] * self.sharded.shards)
         if self.sharded.buckets is not None:  # and every bucketed batch size, at this length
-            started = time.perf_counter()
-            for size in buckets_up_to(e.max_batch_items):
+            started, sizes = time.perf_counter(), buckets_up_to(e.max_batch_items)
+            for size in sizes:
                 await self._run_batch([prepared] * size)
-            log.info("warmed %d batch shapes in %.1fs", len(buckets_up_to(e.max_batch_items)),
-                     time.perf_counter() - started)
+            log.info("warmed %d batch shapes in %.1fs", len(sizes), time.perf_counter() - started)
         # Everything alive now (the model, the libraries) lives as long as the process: take it out
         # of the garbage collector's view. Without this, each full collection walked millions of
         # import-time objects and stalled the event loop for ~0.2 s (p95 at 64 clients: 250 ms).

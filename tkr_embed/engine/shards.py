@@ -77,12 +77,14 @@ class ShardedForward:
     """The engine's forward pass: split across CPU streams, or padded to a bucketed shape.
     Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
-    def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False):
+    def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False,
+                 on_cpu: bool = True):
         import mlx.core as mx
 
         self.shards = shards
         self.buckets = buckets
-        self.compile = compile  # models that support it run their decoder mx.compile'd
+        self.compile = compile  # models that support it run their decoder mx.compile'd (adopt)
+        self.on_cpu = on_cpu  # MLX computes on its CPU backend
         self._streams: list = []
         if shards > 1:
             from ..blas import set_blas_threads
@@ -91,6 +93,12 @@ class ShardedForward:
             # Each stream's matmuls on one core: threads of a parallel BLAS would fight the
             # other streams for the same cores.
             set_blas_threads(1)
+
+    def adopt(self, embedder: Embedder) -> None:
+        """Set a freshly loaded embedder up for these forward passes: its decoder compiled where
+        engine.compile says so and the model supports it (Qwen2-VL)."""
+        if self.compile and hasattr(embedder, "use_compiled_decoder"):
+            embedder.use_compiled_decoder()
 
     def __call__(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
         import mlx.core as mx
@@ -133,4 +141,4 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     compiled = resolve_compile(compile, on_cpu, cuda)
     if compiled:
         log.info("decoders traced with mx.compile per batch shape (engine.compile)")
-    return ShardedForward(shards, buckets, compiled)
+    return ShardedForward(shards, buckets, compiled, on_cpu)

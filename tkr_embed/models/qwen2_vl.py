@@ -228,8 +228,8 @@ class Qwen2VLEmbedder(EvaluatingForward):
     def use_compiled_decoder(self) -> None:
         """Run the decoder through mx.compile: traced once per input shape, then replayed with its
         element-wise ops fused (RMSNorm, rotary, SwiGLU). On an H100 (bench/compile_check.py) a
-        Qwen2-VL-2B-sized forward ran 1.07-1.10x faster and built its graph in 2.5 instead of
-        3.7 ms; each new shape costs a trace (~0.5 s), so the engine turns this on where batch
+        Qwen2-VL-2B-sized forward ran 1.06-1.11x faster and built its graph in 1.9-2.6 instead of
+        2.7-3.8 ms; each new shape costs a trace (~0.5 s), so the engine turns this on where batch
         shapes are bucketed (engine.compile). Worker thread only (the first call traces)."""
         import mlx.core as mx
 
