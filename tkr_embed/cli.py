@@ -17,15 +17,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, overrides={
             "server.host": args.host, "server.port": args.port, "model.path": args.model,
             "model.quantization": args.quantization, "model.name": args.model_name,
+            "server.frontends": args.frontends,
         })
     except SettingsError as e:
         print(f"tkr-embed: {e}", file=sys.stderr)
         return 2
-    from .logs import setup_logging
+    from .logs import setup_logging_for
 
-    lg = settings.logging
-    setup_logging(lg.level, lg.file, lg.format if lg.format != "auto" else
-                  "json" if settings.environment == "production" else "text")
+    setup_logging_for(settings)
     log = logging.getLogger("tkr_embed")
     from . import blas
 
@@ -39,43 +38,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         log.error("cannot load the model: %s", e)
         return 3
-    import uvicorn
+    from .serving import serve_one_process, serve_with_frontends
 
-    from .api.app import begin_drain, create_app
-    from .engine.service import EmbeddingService
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            # SIGTERM/SIGINT: /ready turns 503 at once; uvicorn stops accepting, lets in-flight
-            # requests (and so every queued item) finish within the grace period, then the
-            # lifespan stops the engine. A second signal forces the exit, as uvicorn does.
-            if not app.state.draining:
-                log.info("signal %s: draining (up to %.0f s for accepted requests)", sig,
-                         settings.server.shutdown_grace_seconds)
-            begin_drain(app)
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises captured signals once it has shut down, so the process would die
-            # "by SIGTERM" (-15) after a clean drain; our policy is exit 0 then (supervisors treat
-            # 0 as a requested stop). A second SIGINT still forces the exit (force_exit above).
-            self._captured_signals.clear()
-
-    def load_failed(exc: BaseException) -> None:
-        server.should_exit = True  # exit code 3 below: a model problem, not worth a restart loop
-
-    app = create_app(settings, EmbeddingService(settings, resolved), background_load=True,
-                     on_load_failure=load_failed)
-    config = uvicorn.Config(
-        app, host=settings.server.host, port=settings.server.port, log_level=settings.logging.level.lower(),
-        proxy_headers=True, forwarded_allow_ips=settings.server.forwarded_allow_ips, access_log=False,  # ours: logs.py
-        timeout_graceful_shutdown=settings.server.shutdown_grace_seconds,
-    )
-    server = Server(config)
-    server.run()
-    # Exit codes (service files and watchdogs rely on them): 0 a clean stop (signal, drained);
-    # 2 bad settings; 3 the model cannot load (restarting will not help); 1 anything else.
-    if app.state.load_error or not server.started:
-        return 3
-    return 0
+    if settings.server.frontends > 1:
+        return serve_with_frontends(settings, resolved)
+    return serve_one_process(settings, resolved)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -181,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML settings file (default: $EMBEDDING_CONFIG, else built-in defaults)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--frontends", type=int, help="HTTP front-end processes feeding one engine process (server.frontends)")
     s.add_argument("--model", help="local directory, Hugging Face repo id, or pkg://package/dir")
     s.add_argument("--model-name", help="the model id clients see")
     s.add_argument("--quantization", choices=["auto", "q4", "q8", "none"])

@@ -31,6 +31,12 @@ class ServerSettings(_Section):
     # providers on every request (~7% of the event loop's time per request, profiled); /metrics
     # (Prometheus) is always there.
     opentelemetry: bool = False
+    # HTTP front-end processes (tkr_embed/frontends.py). 1: one process does everything. More: each
+    # front end parses, authenticates, tokenises and answers requests, and one engine process runs
+    # the batcher and the model for all of them. One process spends ~0.6 ms of Python per request,
+    # which caps it near 1,000-1,600 single-item requests/s however fast the GPU is
+    # (docs/benchmarks.md); on a 2-core CPU machine the model is the limit and 1 is right.
+    frontends: int = Field(1, ge=1, le=64)
 
 
 class ModelSettings(_Section):
@@ -195,6 +201,20 @@ class Settings(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _frontends_share_state(self) -> "Settings":
+        if self.server.frontends == 1:
+            return self
+        if self.models:
+            raise ValueError("server.frontends > 1 serves the default model only; remove `models` "
+                             "or set server.frontends: 1")
+        rl = self.rate_limit
+        if rl.enabled and rl.storage_uri.get_secret_value().startswith("memory://"):
+            raise ValueError("server.frontends > 1 needs rate limits every front end shares: set "
+                             "rate_limit.storage_uri to a redis:// URL, or rate_limit.enabled: false "
+                             "(memory:// counts per process, so each client would get frontends x the limit)")
+        return self
+
     @property
     def database_url(self) -> str:
         if self.security.database_url is not None:
@@ -224,6 +244,7 @@ ENV_ALIASES: dict[str, str] = {
     "EMBEDDING_DEBUG": "debug",
     "EMBEDDING_HOST": "server.host",
     "EMBEDDING_PORT": "server.port",
+    "EMBEDDING_FRONTENDS": "server.frontends",
     "EMBEDDING_MODEL_PATH": "model.path",
     "EMBEDDING_MODEL_NAME": "model.name",
     "EMBEDDING_QUANTIZATION": "model.quantization",

@@ -30,6 +30,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+def setup_logging_for(settings) -> None:
+    """From settings.logging; format auto = json in production, text otherwise."""
+    lg = settings.logging
+    setup_logging(lg.level, lg.file, lg.format if lg.format != "auto" else
+                  "json" if settings.environment == "production" else "text")
+
+
 def setup_logging(level: str, file: str | None, fmt: str) -> None:
     """fmt: "json" or "text"."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

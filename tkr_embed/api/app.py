@@ -58,6 +58,14 @@ def open_key_store(settings: Settings) -> KeyStore:
     return KeyStore(settings.database_url, secret.get_secret_value() if secret else None)
 
 
+def bootstrap_key(settings: Settings, store: KeyStore,
+                  announce: Callable[[str], None] = announce_bootstrap_key) -> None:
+    """First start with auth on, no master key and an empty store: create an admin key, show it once."""
+    if settings.security.api_key is None and store.count() == 0:
+        _, token = store.create("bootstrap-admin", ["admin"])
+        announce(token)
+
+
 def begin_drain(app: FastAPI) -> None:
     """Shutdown has begun: /ready answers 503 so balancers stop sending; requests still finish."""
     app.state.draining = True
@@ -66,8 +74,13 @@ def begin_drain(app: FastAPI) -> None:
 def create_app(settings: Settings, service: EmbeddingService | None = None,
                announce: Callable[[str], None] = announce_bootstrap_key,
                background_load: bool = False,
-               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_failure: Callable[[BaseException], None] | None = None,
+               one_of_frontends: bool = False) -> FastAPI:
     """Build the app. The service (and the model) start in the lifespan.
+
+    one_of_frontends: this app runs in one of several front-end processes (server.frontends > 1,
+    serving.py): the engine process created any bootstrap key before starting them, and /metrics
+    sums every front end's request metrics.
 
     background_load=False: before the first request is accepted (in-process use, tests).
     background_load=True (the server): the port opens at once, /health answers while the model
@@ -96,9 +109,8 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
     async def lifespan(app: FastAPI):
         flusher = None
         if store is not None:
-            if settings.security.api_key is None and store.count() == 0:
-                _, token = store.create("bootstrap-admin", ["admin"])
-                announce(token)
+            if not one_of_frontends:
+                bootstrap_key(settings, store, announce)
             flusher = asyncio.get_running_loop().create_task(flush_usage_periodically(store))
         loading = None
         if background_load:
@@ -140,7 +152,7 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
     app.state.pool = ModelPool(settings, service)  # the default model and settings.models
     app.state.draining = False
     app.state.load_error = None
-    app.state.metrics = Metrics(app)
+    app.state.metrics = Metrics(app, multiprocess=one_of_frontends)
     service.on_batch = app.state.metrics.observe_batch
     app.state.key_store = store
     app.state.stats = RequestStats()

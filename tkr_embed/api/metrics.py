@@ -12,7 +12,7 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -23,7 +23,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self, app: "FastAPI"):
+    def __init__(self, app: "FastAPI", multiprocess: bool = False):
+        """multiprocess: one of several front-end processes (server.frontends > 1). Request metrics
+        then go through prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the
+        engine process) and /metrics reports every front end's sum, whichever one the scrape
+        reaches; engine figures (queue, worker, batch sizes) come from the engine's snapshot."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("tkr_requests", "HTTP requests by route template and status.",
                                 ["route", "status"], registry=self.registry)
@@ -31,16 +35,24 @@ class Metrics:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.rate_limited = Counter("tkr_rate_limit_rejections", "Requests refused by a rate limit (429).",
                                     registry=self.registry)
-        self.batch_size = Histogram("tkr_batch_size", "Items per forward pass.", buckets=BATCH_BUCKETS,
-                                    registry=self.registry)
+        self.batch_size = None if multiprocess else Histogram(
+            "tkr_batch_size", "Items per forward pass.", buckets=BATCH_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(app))
+        self.exposition = self.registry  # what /metrics renders
+        if multiprocess:
+            from prometheus_client import multiprocess as mp
+
+            self.exposition = CollectorRegistry()
+            mp.MultiProcessCollector(self.exposition)
+            self.exposition.register(_EngineCollector(app))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
     def observe_batch(self, size: int) -> None:
-        self.batch_size.observe(size)
+        if self.batch_size is not None:
+            self.batch_size.observe(size)
 
 
 class _EngineCollector(Collector):
@@ -69,13 +81,13 @@ class _EngineCollector(Collector):
         memory = GaugeMetricFamily("tkr_model_memory_bytes", "MLX memory a loaded model's weights took.",
                                    labels=["model"])
         for s in services:
-            m = s.model_id
-            for modality, n in sorted(s.items_by_modality.items()):
+            m, c = s.model_id, s.counters()
+            for modality, n in sorted(c.get("items_by_modality", {}).items()):
                 items.add_metric([m, modality], n)
-            tokens.add_metric([m], s.tokens_total)
-            hits.add_metric([m], s.cache.hits)
-            misses.add_metric([m], s.cache.misses)
-            entries.add_metric([m], s.cache.stats()["size"])
+            tokens.add_metric([m], c.get("tokens_total", 0))
+            hits.add_metric([m], c.get("cache_hits", 0))
+            misses.add_metric([m], c.get("cache_misses", 0))
+            entries.add_metric([m], c.get("cache_size", 0))
             memory.add_metric([m], s.memory_bytes)
         yield from (items, tokens, hits, misses, entries, memory)
         worker = service.worker
@@ -91,10 +103,21 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily("tkr_items_dropped", "Queued items dropped because their client left.",
                                       value=b.items_dropped)
             yield CounterMetricFamily("tkr_padded_tokens", "Tokens computed including padding.", value=b.padded_tokens)
+        sizes = service.batch_sizes() if service.ready else None
+        if sizes is not None:  # counted by the engine process (several front ends)
+            yield _histogram("tkr_batch_size", "Items per forward pass.", sizes, BATCH_BUCKETS)
         if service.loaded is not None:
             load = GaugeMetricFamily("tkr_model_load_seconds", "How long the model took to load.", labels=["model"])
             load.add_metric([service.model_id], service.loaded.load_seconds)
             yield load
+
+
+def _histogram(name: str, doc: str, counts: dict[int, int], buckets) -> HistogramMetricFamily:
+    """A Prometheus histogram from exact counts per value."""
+    cumulative = [(str(float(b)), sum(n for v, n in counts.items() if v <= b)) for b in buckets]
+    cumulative.append(("+Inf", sum(counts.values())))
+    return HistogramMetricFamily(name, doc, buckets=cumulative,
+                                 sum_value=float(sum(v * n for v, n in counts.items())))
 
 
 def is_loopback(host: str | None) -> bool:

@@ -47,7 +47,7 @@ def resolve_batch_tokens(setting: int, on_cpu: bool) -> int:
 class QueueFull(RuntimeError):
     def __init__(self, retry_after: int, depth: int, limit: int):
         super().__init__(f"the embedding queue is full ({depth} items waiting, limit {limit}); retry shortly")
-        self.retry_after = retry_after
+        self.retry_after, self.depth, self.limit = retry_after, depth, limit
 
 
 @dataclass

@@ -282,6 +282,16 @@ class EmbeddingService:
         return EmbedResult(np.stack(out).astype(np.float32, copy=False), cached, tokens, truncated)
 
     # ---- introspection ---------------------------------------------------------------------
+    def counters(self) -> dict:
+        """Items, tokens and cache figures for /metrics (a front end reports everyone's: remote.py)."""
+        return {"items_by_modality": dict(self.items_by_modality), "tokens_total": self.tokens_total,
+                "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
+                "cache_size": self.cache.stats()["size"]}
+
+    def batch_sizes(self) -> dict[int, int] | None:
+        """Forward passes by size, where the Metrics histogram cannot observe them (None: it does)."""
+        return None
+
     def info(self) -> dict:
         lm = self.loaded
         emb = lm.embedder

@@ -154,3 +154,22 @@ def load_embedder(resolved: ResolvedModel, quantization: str = "auto", max_token
     except Exception as e:  # a broken checkpoint: say which and why, without a stack trace
         raise ModelLoadError(f"failed to load {resolved.model_id} from {resolved.path}: {type(e).__name__}: {e}") from e
     return LoadedModel(emb, resolved, family, mode, time.perf_counter() - start)
+
+
+def load_preparer(resolved: ResolvedModel, quantization: str, max_tokens: int | None = None,
+                  min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+    """The CPU side of an embedder (tokenizer, image preprocessing; prepare/decode) without its
+    weights, for a front-end process (server.frontends > 1) whose engine process runs the model.
+    quantization: what the engine resolved (reported by /info). Any thread; no MLX."""
+    config = read_config(resolved.path)
+    if detect_family(config) == "qwen2_vl":
+        from .qwen2_vl import Qwen2VLEmbedder
+
+        return Qwen2VLEmbedder(resolved.path, resolved.model_id, config, None, quantization,
+                               max_tokens=max_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
+    from .text_encoder import TextEncoderEmbedder
+
+    emb = TextEncoderEmbedder(resolved.path, resolved.model_id, config, None, quantization)
+    if max_tokens:
+        emb.max_tokens = min(emb.max_tokens, max_tokens)
+    return emb

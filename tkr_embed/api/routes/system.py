@@ -58,7 +58,7 @@ async def metrics(request: Request):
     local = is_loopback(request.client.host if request.client else None)
     if access == "admin" or (access == "loopback" and not local):
         check_permissions(request, "admin")
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(request.app.state.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _info_access(request: Request) -> None:

@@ -1,0 +1,173 @@
+"""FrontendService: the EmbeddingService of a front-end process (server.frontends > 1).
+
+The same hot path as in one process (cache lookup, prepare in the CPU pool, await one future per
+item, normalise, cache fill: all inherited), but the batcher and the MLX worker are the engine
+process's, reached through an EngineLink (link.py). Each front end keeps its own cache. Figures
+the engine owns (queue, batches, worker, MLX memory) come from the snapshot the engine sends
+every second, so /info, /metrics and /ready read them without a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..config import Settings
+from ..models.registry import LoadedModel, ResolvedModel, load_preparer
+from .link import STATS_INTERVAL_SECONDS, EngineLink
+from .service import EmbeddingService
+
+log = logging.getLogger(__name__)
+
+# No snapshot for this long: the engine is wedged (its event loop answers the stats request).
+SNAPSHOT_STALE_SECONDS = 10.0
+
+
+class RemoteBatcher:
+    """The engine's batcher as the service and the API see it: submit() plus its figures."""
+
+    def __init__(self, link: EngineLink):
+        self.link = link
+        self.submit = link.submit
+
+    @property
+    def _stats(self) -> dict:
+        return self.link.snapshot.get("batcher", {})
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    @property
+    def depth(self) -> int:
+        return self._stats.get("queue_depth", 0)
+
+    @property
+    def items_dropped(self) -> int:
+        return self._stats.get("items_dropped", 0)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.link.snapshot.get("padded_tokens", 0)
+
+    async def stop(self) -> None:
+        pass
+
+
+class RemoteWorker:
+    """The engine's MLX worker as /ready and /metrics see it."""
+
+    def __init__(self, link: EngineLink):
+        self.link = link
+
+    @property
+    def _w(self) -> dict:
+        return self.link.snapshot.get("worker", {})
+
+    @property
+    def busy_seconds(self) -> float:
+        return self._w.get("busy_seconds", 0.0)
+
+    @property
+    def jobs_run(self) -> int:
+        return self._w.get("jobs_run", 0)
+
+    @property
+    def memory(self) -> dict:
+        return self._w.get("memory", {})
+
+    def stalled(self, limit_seconds: float) -> str | None:
+        if self.link.closed.done():
+            return "the engine process is not reachable"
+        if self.link.snapshot_at and time.monotonic() - self.link.snapshot_at > SNAPSHOT_STALE_SECONDS:
+            return f"the engine process has not answered for over {SNAPSHOT_STALE_SECONDS:.0f} s"
+        if self._w and not self._w.get("alive", True):
+            return "the MLX worker is not running"
+        running = self._w.get("job_running_seconds")
+        if running is not None and running > limit_seconds:
+            return f"the MLX worker has been running one job for over {limit_seconds:.0f} s"
+        return None
+
+
+class FrontendService(EmbeddingService):
+    def __init__(self, settings: Settings, engine_socket: str, index: int = 0):
+        super().__init__(settings)
+        self.engine_socket = engine_socket
+        self.index = index
+        self.link: EngineLink | None = None
+        self._stats_task: asyncio.Task | None = None
+        self.on_engine_lost: Callable[[], None] | None = None  # the process leaves (serving.py)
+
+    async def start(self) -> None:
+        self.link = link = await EngineLink.connect(self.engine_socket)
+        link.closed.add_done_callback(lambda _: self.on_engine_lost and self.on_engine_lost())
+        meta = link.meta
+        m = self.model_settings
+        resolved = ResolvedModel(Path(meta["path"]), meta["model_id"], meta["revision"])
+        loop = asyncio.get_running_loop()
+        preparer = await loop.run_in_executor(self.cpu_pool, lambda: load_preparer(
+            resolved, meta["quantization"], m.max_tokens, m.min_pixels, m.max_pixels))
+        if (preparer.dimension, preparer.max_tokens) != (meta["dimension"], meta["max_tokens"]):
+            raise RuntimeError(f"front end and engine disagree about the model: {preparer.dimension}-d, "
+                               f"{preparer.max_tokens} tokens here; {meta['dimension']}-d, {meta['max_tokens']} there")
+        self.worker = RemoteWorker(link)
+        self.memory_bytes = meta["memory_bytes"]
+        self._push_stats()
+        self._stats_task = loop.create_task(self._stats_loop(), name="engine-stats")
+        self.loaded = LoadedModel(preparer, resolved, meta["family"], meta["quantization"], meta["load_seconds"])
+        self.batcher = RemoteBatcher(link)
+        log.info("front end %d linked to the engine (%s, %d-d)", self.index, resolved.model_id, preparer.dimension)
+        gc.collect()
+        gc.freeze()  # as the engine does: long-lived objects out of the collector's view
+
+    def _push_stats(self) -> None:
+        self.link.send_stats(EmbeddingService.counters(self))  # this front end's own
+
+    async def _stats_loop(self) -> None:
+        while not self.link.closed.done():
+            await asyncio.sleep(STATS_INTERVAL_SECONDS)
+            self._push_stats()
+
+    async def stop(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        if self.link is not None:
+            await self.link.close()
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+
+    def counters(self) -> dict:
+        """Every front end's item, token and cache counters summed (by the engine, each second)."""
+        return self.link.snapshot.get("frontends") or super().counters()
+
+    def batch_sizes(self) -> dict[int, int]:
+        return {int(k): v for k, v in self.link.snapshot.get("batch_sizes", {}).items()}
+
+    def info(self) -> dict:
+        meta, snap = self.link.meta, self.link.snapshot
+        lm = self.loaded
+        emb = lm.embedder
+        return {
+            "model": {
+                "id": lm.resolved.model_id, "family": lm.family, "dimension": emb.dimension,
+                "modalities": sorted(emb.modalities), "max_tokens": emb.max_tokens,
+                "quantization": lm.quantization, "revision": lm.resolved.revision,
+                "load_seconds": round(lm.load_seconds, 3), **meta["describe"],
+            },
+            "memory": {"mlx": dict(self.worker.memory)},  # the engine process's
+            "cache": {**self.cache.stats(), "scope": f"front end {self.index} of {self.settings.server.frontends}"},
+            "batcher": self.batcher.stats(),
+            "worker": {
+                "busy_seconds": self.worker.busy_seconds, "jobs_run": self.worker.jobs_run,
+                "device": self.settings.model.device, "cpu_shards": meta["cpu_shards"],
+                "shape_buckets": meta["shape_buckets"], "compiled": meta["compiled"],
+            },
+            "frontends": {"count": self.settings.server.frontends, "this": self.index,
+                          "linked": snap.get("connections", 0)},
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+        }

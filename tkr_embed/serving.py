@@ -1,0 +1,251 @@
+"""Running the server: one process (server.frontends: 1), or one engine process and several HTTP
+front ends (server.frontends > 1).
+
+With front ends, the process `tkr-embed serve` started is the engine process: it binds the HTTP
+socket, starts the front ends (spawned processes that inherit the socket, so the kernel spreads
+connections across them), loads the model, and only then opens a Unix socket the front ends link
+to (engine/link.py). It never answers HTTP itself: its GIL belongs to the batcher and the MLX
+worker. It also supervises: a front end that dies is started again, a signal drains them all
+before the engine stops.
+
+Exit codes (service files and watchdogs rely on them): 0 a clean stop (signal, drained);
+3 the model cannot load (restarting will not help); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+import uvicorn
+
+from .config import Settings
+from .models.registry import ResolvedModel
+
+log = logging.getLogger("tkr_embed")
+
+# A front end that exits this soon after starting, twice in a row, is not restarted again.
+CRASH_LOOP_SECONDS = 10.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with our shutdown policy. SIGTERM/SIGINT: /ready turns 503 at once; uvicorn stops
+    accepting, lets in-flight requests (and so every queued item) finish within the grace period,
+    then the lifespan stops the service. A second signal forces the exit, as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, app, settings: Settings):
+        super().__init__(config)
+        self.app, self.settings = app, settings
+
+    def handle_exit(self, sig, frame) -> None:
+        from .api.app import begin_drain
+
+        if not self.app.state.draining:
+            log.info("signal %s: draining (up to %.0f s for accepted requests)", sig,
+                     self.settings.server.shutdown_grace_seconds)
+        begin_drain(self.app)
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has shut down, so the process would die
+        # "by SIGTERM" (-15) after a clean drain; our policy is exit 0 then (supervisors treat
+        # 0 as a requested stop). A second SIGINT still forces the exit (force_exit above).
+        self._captured_signals.clear()
+
+
+def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=settings.server.host, port=settings.server.port, log_level=settings.logging.level.lower(),
+        proxy_headers=True, forwarded_allow_ips=settings.server.forwarded_allow_ips, access_log=False,  # ours: logs.py
+        timeout_graceful_shutdown=settings.server.shutdown_grace_seconds,
+    )
+
+
+def serve_one_process(settings: Settings, resolved: ResolvedModel) -> int:
+    from .api.app import create_app
+    from .engine.service import EmbeddingService
+
+    def load_failed(exc: BaseException) -> None:
+        server.should_exit = True  # exit code 3 below: a model problem, not worth a restart loop
+
+    app = create_app(settings, EmbeddingService(settings, resolved), background_load=True,
+                     on_load_failure=load_failed)
+    server = DrainingServer(uvicorn_config(settings, app), app, settings)
+    server.run()
+    if app.state.load_error or not server.started:
+        return 3
+    return 0
+
+
+# ---- several front ends -------------------------------------------------------------------------
+def frontend_main(settings: Settings, sock: socket.socket, engine_socket: str, index: int) -> None:
+    """A front-end process (spawned): the HTTP app on the inherited socket, its service linked to
+    the engine. Leaves when signalled (draining first) or when the engine goes away."""
+    os.setpgrp()  # a terminal's Ctrl-C reaches the engine process only; it stops us in order
+    from .logs import setup_logging_for
+
+    setup_logging_for(settings)
+    from .api.app import create_app
+    from .engine.remote import FrontendService
+
+    service = FrontendService(settings, engine_socket, index)
+
+    def load_failed(exc: BaseException) -> None:
+        server.should_exit = True
+
+    app = create_app(settings, service, background_load=True, on_load_failure=load_failed, one_of_frontends=True)
+    server = DrainingServer(uvicorn_config(settings, app), app, settings)
+    service.on_engine_lost = lambda: setattr(server, "should_exit", True)
+    server.run(sockets=[sock])
+    code = 3 if app.state.load_error or not server.started else 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def engine_meta(service) -> dict:
+    """What every front end learns on linking (engine/link.py's hello)."""
+    lm = service.loaded
+    emb = lm.embedder
+    return {
+        "path": str(lm.resolved.path), "model_id": lm.resolved.model_id, "revision": lm.resolved.revision,
+        "family": lm.family, "quantization": lm.quantization, "load_seconds": lm.load_seconds,
+        "dimension": emb.dimension, "max_tokens": emb.max_tokens, "memory_bytes": service.memory_bytes,
+        "describe": emb.describe(), "cpu_shards": service.sharded.shards,
+        "shape_buckets": service.sharded.buckets is not None, "compiled": bool(getattr(emb, "compiled", False)),
+    }
+
+
+def bind_http_socket(settings: Settings) -> socket.socket:
+    host, port = settings.server.host, settings.server.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class EngineProcess:
+    def __init__(self, settings: Settings, resolved: ResolvedModel):
+        self.settings = settings
+        self.resolved = resolved
+        self.count = settings.server.frontends
+        self.ctx = multiprocessing.get_context("spawn")  # no fork: MLX and threads do not survive it
+        self.procs: list = [None] * self.count
+        self.started_at = [0.0] * self.count
+        self.quick_exits = [0] * self.count
+        self.stopping = asyncio.Event()
+        self.workdir = tempfile.mkdtemp(prefix="tkr-embed-")  # 0700: only this user reaches the socket
+        self.engine_socket = os.path.join(self.workdir, "engine.sock")
+
+    def _start_frontend(self, i: int, sock: socket.socket) -> None:
+        p = self.ctx.Process(target=frontend_main, args=(self.settings, sock, self.engine_socket, i),
+                             name=f"tkr-embed-frontend-{i}", daemon=False)
+        p.start()
+        self.procs[i], self.started_at[i] = p, time.monotonic()
+
+    def _signal(self, sig: int) -> None:
+        if not self.stopping.is_set():
+            log.info("signal %s: draining %d front ends (up to %.0f s for accepted requests)",
+                     signal.Signals(sig).name, self.count, self.settings.server.shutdown_grace_seconds)
+        self.stopping.set()
+
+    async def _supervise(self, sock: socket.socket) -> int:
+        """Until a signal: restart front ends that die. Returns 1 if one keeps dying at once."""
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            for i, p in enumerate(self.procs):
+                if self.stopping.is_set() or p.is_alive():
+                    continue
+                quick = time.monotonic() - self.started_at[i] < CRASH_LOOP_SECONDS
+                self.quick_exits[i] = self.quick_exits[i] + 1 if quick else 0
+                if self.quick_exits[i] >= 2:
+                    log.error("front end %d exited (code %s) twice right after starting; stopping", i, p.exitcode)
+                    return 1
+                log.error("front end %d exited (code %s); starting it again", i, p.exitcode)
+                self._start_frontend(i, sock)
+        return 0
+
+    async def _stop_frontends(self) -> None:
+        for p in self.procs:
+            if p is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.server.shutdown_grace_seconds + 10
+        loop = asyncio.get_running_loop()
+        for p in self.procs:
+            if p is not None:
+                await loop.run_in_executor(None, p.join, max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    log.error("front end %s did not stop in time; killing it", p.name)
+                    p.kill()
+
+    async def run(self) -> int:
+        from .api.app import bootstrap_key, open_key_store
+        from .engine.link import EngineHost
+        from .engine.service import EmbeddingService
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signal, sig)
+        if self.settings.security.require_api_key:  # before the front ends: none of them creates one
+            store = open_key_store(self.settings)
+            bootstrap_key(self.settings, store)
+            store.close()
+        # Request metrics of every front end, summed at scrape (prometheus_client's multiprocess mode).
+        metrics_dir = os.path.join(self.workdir, "metrics")
+        os.mkdir(metrics_dir)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        sock = bind_http_socket(self.settings)
+        host, port = sock.getsockname()[:2]
+        for i in range(self.count):
+            self._start_frontend(i, sock)
+        log.info("serving http://%s:%d from %d front-end processes; the model loads in this one (pid %d)",
+                 host, port, self.count, os.getpid())
+
+        service = EmbeddingService(self.settings, self.resolved)
+        engine = EngineHost(service, {})
+        service.on_batch = engine.observe_batch
+        code = 0
+        try:
+            loading = asyncio.ensure_future(service.start())
+            stop_wait = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait((loading, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+            if loading.done() and loading.exception() is None:
+                stop_wait.cancel()
+                engine.meta = engine_meta(service)
+                await engine.start(self.engine_socket)
+                code = await self._supervise(sock)
+            elif loading.done():
+                log.error("the model failed to load: %s: %s", type(loading.exception()).__name__, loading.exception())
+                code = 3
+            else:
+                loading.cancel()
+        finally:
+            self.stopping.set()
+            await self._stop_frontends()
+            await engine.stop()
+            await service.stop()
+            sock.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
+
+
+def serve_with_frontends(settings: Settings, resolved: ResolvedModel) -> int:
+    # Each front end's CPU pool and the engine's: a thread per core in every process would
+    # oversubscribe; the engine needs none (it does not tokenise), front ends share the cores.
+    if not settings.engine.cpu_threads:
+        cores = max(1, (os.cpu_count() or 1) // settings.server.frontends)
+        settings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"cpu_threads": cores})})
+    return asyncio.run(EngineProcess(settings, resolved).run())
