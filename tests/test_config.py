@@ -71,3 +71,19 @@ def test_bare_on_and_off_switch_engine_settings():
     assert (s.engine.compile, s.engine.shape_buckets) == ("off", "on")
     with pytest.raises(SettingsError, match="engine.compile"):
         load_settings(ROOT / "config.yaml", env={"EMBEDDING__ENGINE__COMPILE": "sometimes"})
+
+
+def test_frontends_refuse_state_that_would_not_be_shared():
+    # Several front ends each count rate limits in memory:// on their own: a client would get
+    # frontends x its limit. They must share a store (redis) or run without limits.
+    with pytest.raises(SettingsError, match="rate_limit.storage_uri"):
+        load_settings(ROOT / "config.yaml", env={"EMBEDDING_FRONTENDS": "4"})
+    s = load_settings(ROOT / "config.yaml", env={"EMBEDDING_FRONTENDS": "4",
+                                                 "EMBEDDING_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379"})
+    assert s.server.frontends == 4
+    assert load_settings(ROOT / "config.dev.yaml", env={"EMBEDDING_FRONTENDS": "2"}).server.frontends == 2
+    f = ROOT / "config.dev.yaml"
+    with pytest.raises(SettingsError, match="default model only"):
+        load_settings(f, env={"EMBEDDING_FRONTENDS": "2"}, overrides={"models": [{"path": "/m"}]})
+    with pytest.raises(SettingsError, match="server.frontends"):
+        load_settings(f, env={"EMBEDDING_FRONTENDS": "0"})

@@ -84,9 +84,12 @@ def serve_one_process(settings: Settings, resolved: ResolvedModel) -> int:
 
 
 # ---- several front ends -------------------------------------------------------------------------
-def frontend_main(settings: Settings, sock: socket.socket, engine_socket: str, index: int) -> None:
+def frontend_main(settings: Settings, sock: socket.socket, engine_socket: str, index: int, engine_pid: int,
+                  engine_ready: bool = False) -> None:
     """A front-end process (spawned): the HTTP app on the inherited socket, its service linked to
-    the engine. Leaves when signalled (draining first) or when the engine goes away."""
+    the engine. Leaves when signalled (draining first) or when the engine goes away.
+    engine_ready: a replacement for a front end that died; it links before taking connections
+    (the others serve meanwhile), where the first ones answer /health while the model loads."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the engine process only; it stops us in order
     from .logs import setup_logging_for
 
@@ -94,12 +97,13 @@ def frontend_main(settings: Settings, sock: socket.socket, engine_socket: str, i
     from .api.app import create_app
     from .engine.remote import FrontendService
 
-    service = FrontendService(settings, engine_socket, index)
+    service = FrontendService(settings, engine_socket, index, engine_pid)
 
     def load_failed(exc: BaseException) -> None:
         server.should_exit = True
 
-    app = create_app(settings, service, background_load=True, on_load_failure=load_failed, one_of_frontends=True)
+    app = create_app(settings, service, background_load=not engine_ready, on_load_failure=load_failed,
+                     one_of_frontends=True)
     server = DrainingServer(uvicorn_config(settings, app), app, settings)
     service.on_engine_lost = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[sock])
@@ -144,11 +148,12 @@ class EngineProcess:
         self.started_at = [0.0] * self.count
         self.quick_exits = [0] * self.count
         self.stopping = asyncio.Event()
+        self.engine_ready = False  # the model is loaded and the engine socket open
         self.workdir = tempfile.mkdtemp(prefix="tkr-embed-")  # 0700: only this user reaches the socket
         self.engine_socket = os.path.join(self.workdir, "engine.sock")
 
     def _start_frontend(self, i: int, sock: socket.socket) -> None:
-        p = self.ctx.Process(target=frontend_main, args=(self.settings, sock, self.engine_socket, i),
+        p = self.ctx.Process(target=frontend_main, args=(self.settings, sock, self.engine_socket, i, os.getpid(), self.engine_ready),
                              name=f"tkr-embed-frontend-{i}", daemon=False)
         p.start()
         self.procs[i], self.started_at[i] = p, time.monotonic()
@@ -226,6 +231,7 @@ class EngineProcess:
                 stop_wait.cancel()
                 engine.meta = engine_meta(service)
                 await engine.start(self.engine_socket)
+                self.engine_ready = True
                 code = await self._supervise(sock)
             elif loading.done():
                 log.error("the model failed to load: %s: %s", type(loading.exception()).__name__, loading.exception())

@@ -7,8 +7,10 @@ its own connections and sends prepared items (token ids, pixels: numpy arrays) h
 process batches items from every front end together, runs the MLX worker, and answers with the
 raw pooled vectors. Front ends keep everything after that (normalising, their cache, encoding).
 
-Frames on a Unix socket: a 4-byte big-endian length, then a pickle. Pickle is only safe between
-trusted peers: the socket lives in a directory only the server's user can open (frontends.py).
+Frames on a Unix socket: a 4-byte big-endian length, then a pickled list of messages: whatever
+one side produced in one event-loop turn goes out as one frame (a finished batch of 64 answers
+its front ends with one write each, not 64). Pickle is only safe between trusted peers: the
+socket lives in a directory only the server's user can open (serving.py).
 
 front end -> engine                         engine -> front end
 ("embed", rid, [Prepared, ...])             ("ok", rid, float32 [n, d])
@@ -36,6 +38,7 @@ import numpy as np
 
 from ..models.base import Prepared
 from .batcher import QueueFull
+from .service import ModelUnloaded
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,36 @@ _LENGTH = struct.Struct(">I")
 STATS_INTERVAL_SECONDS = 1.0
 
 
-def frame(message: tuple) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+def frame(messages: list[tuple]) -> bytes:
+    body = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple:
+async def read_frame(reader: asyncio.StreamReader) -> list[tuple]:
     (n,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
     return pickle.loads(await reader.readexactly(n))
 
 
-class EngineGone(RuntimeError):
-    """The link to the engine process broke (it stopped or died)."""
+class Outbox:
+    """Messages queued during one event-loop turn, written as one frame at its end."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer = writer
+        self._queued: list[tuple] = []
+
+    def put(self, message: tuple) -> None:
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append(message)
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        if not self._writer.is_closing():
+            self._writer.write(frame(queued))
+
+
+class EngineGone(ModelUnloaded):
+    """The link to the engine process broke (it stopped or died): 503, retry (api/deps.py)."""
 
 
 # ---- the engine side ---------------------------------------------------------------------------
@@ -79,6 +100,7 @@ class EngineHost:
         self._counters: dict[int, dict] = {}  # per live connection: its front end's last counters
         self._retired: dict = {}  # counters of front ends that disconnected (totals never go back)
         self._conn_ids = itertools.count()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
 
     def observe_batch(self, size: int) -> None:
@@ -88,8 +110,11 @@ class EngineHost:
         self._server = await asyncio.start_unix_server(self._serve, path)
 
     async def stop(self) -> None:
+        """Closes the socket and every link (front ends still linked see the engine go)."""
         if self._server is not None:
             self._server.close()
+        for w in list(self._writers):
+            w.close()
 
     def snapshot(self) -> dict:
         s = self.service
@@ -114,59 +139,63 @@ class EngineHost:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = next(self._conn_ids)
         self.connections += 1
-        pending: dict[int, asyncio.Task] = {}
-        send = writer.write  # small frames; the transport buffers (no drain: front ends read constantly)
+        self._writers.add(writer)
+        pending: dict[int, list[asyncio.Future]] = {}
+        out = Outbox(writer)  # small frames; the transport buffers (front ends read constantly)
         try:
-            send(frame(("hello", self.meta)))
+            out.put(("hello", self.meta))
             while True:
                 try:
-                    msg = await read_frame(reader)
+                    messages = await read_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                kind = msg[0]
-                if kind == "embed":
-                    self._embed(msg[1], msg[2], send, pending)
-                elif kind == "cancel":
-                    task = pending.pop(msg[1], None)
-                    if task is not None:
-                        task.cancel()
-                elif kind == "stats":
-                    self._counters[conn] = msg[1]
-                    send(frame(("stats", self.snapshot())))
+                for msg in messages:
+                    kind = msg[0]
+                    if kind == "embed":
+                        self._embed(msg[1], msg[2], out, pending)
+                    elif kind == "cancel":
+                        for f in pending.pop(msg[1], ()):
+                            f.cancel()  # the batcher drops cancelled items before their forward pass
+                    elif kind == "stats":
+                        self._counters[conn] = msg[1]
+                        out.put(("stats", self.snapshot()))
         finally:
             self.connections -= 1
-            for task in pending.values():  # that front end is gone: so are its clients
-                task.cancel()
+            for futures in pending.values():  # that front end is gone: so are its clients
+                for f in futures:
+                    f.cancel()
             last = self._counters.pop(conn, None)
             if last:
                 add_counters(self._retired, {k: v for k, v in last.items() if k != "cache_size"})
+            self._writers.discard(writer)
             writer.close()
 
-    def _embed(self, rid: int, items: Sequence[Prepared], send: Callable[[bytes], None],
-               pending: dict[int, asyncio.Task]) -> None:
+    def _embed(self, rid: int, items: Sequence[Prepared], out: Outbox,
+               pending: dict[int, list[asyncio.Future]]) -> None:
         try:
             futures = self.service.batcher.submit(items)
         except QueueFull as e:
-            send(frame(("full", rid, e.retry_after, e.depth, e.limit)))
+            out.put(("full", rid, e.retry_after, e.depth, e.limit))
             return
         except Exception as e:  # noqa: BLE001 - shutting down: the front end answers 503
-            send(frame(("err", rid, str(e))))
+            out.put(("err", rid, str(e)))
             return
-        pending[rid] = asyncio.ensure_future(self._answer(rid, futures, send, pending))
+        pending[rid] = futures
+        remaining = [len(futures)]
 
-    async def _answer(self, rid: int, futures: list[asyncio.Future], send, pending) -> None:
-        try:
-            vectors = await asyncio.gather(*futures)
-        except asyncio.CancelledError:
-            for f in futures:
-                f.cancel()
-            raise
-        except Exception as e:  # noqa: BLE001 - a failed forward pass: that request fails, not the link
-            send(frame(("err", rid, f"{type(e).__name__}: {e}")))
-        else:
-            send(frame(("ok", rid, np.stack([np.asarray(v, dtype=np.float32) for v in vectors]))))
-        finally:
-            pending.pop(rid, None)
+        def one_done(_: asyncio.Future) -> None:
+            # A callback, not a task per request: the answer is queued in the turn its batch ends.
+            remaining[0] -= 1
+            if remaining[0] or pending.pop(rid, None) is None:
+                return  # more to come, or cancelled
+            failed = next((f.exception() for f in futures if not f.cancelled() and f.exception()), None)
+            if failed is not None:  # a failed forward pass: that request fails, not the link
+                out.put(("err", rid, f"{type(failed).__name__}: {failed}"))
+            elif not any(f.cancelled() for f in futures):
+                out.put(("ok", rid, np.stack([np.asarray(f.result(), dtype=np.float32) for f in futures])))
+
+        for f in futures:
+            f.add_done_callback(one_done)
 
 
 # ---- the front-end side ------------------------------------------------------------------------
@@ -175,6 +204,7 @@ class EngineLink:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, meta: dict):
         self._reader, self._writer = reader, writer
+        self._out = Outbox(writer)
         self.meta = meta
         self.snapshot: dict = {}
         self.snapshot_at = 0.0  # monotonic time of the last stats answer
@@ -184,14 +214,18 @@ class EngineLink:
         self._reading = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def connect(cls, path: str, retry_seconds: float = 0.2) -> "EngineLink":
-        """Waits while the engine loads its model (it opens the socket once the model is warm)."""
+    async def connect(cls, path: str, engine_alive: Callable[[], bool] = lambda: True,
+                      retry_seconds: float = 0.2) -> "EngineLink":
+        """Waits while the engine loads its model (it opens the socket once the model is warm),
+        as long as engine_alive() says it still can."""
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(path)
-                hello = await read_frame(reader)
+                hello = (await read_frame(reader))[0]
                 break
             except (FileNotFoundError, ConnectionError, asyncio.IncompleteReadError):
+                if not engine_alive():
+                    raise EngineGone("the engine process went away before it served") from None
                 await asyncio.sleep(retry_seconds)
         return cls(reader, writer, hello[1])
 
@@ -203,44 +237,47 @@ class EngineLink:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._waiting[rid] = futures
-        self._writer.write(frame(("embed", rid, list(items))))
+        self._out.put(("embed", rid, list(items)))
         # The service cancels every future of a request when its client leaves: tell the engine once.
         futures[0].add_done_callback(lambda f: f.cancelled() and self._cancel(rid))
         return futures
 
     def _cancel(self, rid: int) -> None:
         if self._waiting.pop(rid, None) is not None and not self.closed.done():
-            self._writer.write(frame(("cancel", rid)))
+            self._out.put(("cancel", rid))
 
     def send_stats(self, counters: dict) -> None:
         if not self.closed.done():
-            self._writer.write(frame(("stats", counters)))
+            self._out.put(("stats", counters))
 
     async def _read(self) -> None:
         try:
             while True:
-                msg = await read_frame(self._reader)
-                kind = msg[0]
-                if kind == "stats":
-                    self.snapshot, self.snapshot_at = msg[1], time.monotonic()
-                    continue
-                futures = self._waiting.pop(msg[1], None)
-                if futures is None:  # cancelled meanwhile
-                    continue
-                if kind == "ok":
-                    for f, v in zip(futures, msg[2]):
-                        if not f.done():
-                            f.set_result(v)
-                else:
-                    exc: Exception = QueueFull(*msg[2:5]) if kind == "full" else RuntimeError(msg[2])
-                    for f in futures:
-                        if not f.done():
-                            f.set_exception(exc)
+                for msg in await read_frame(self._reader):
+                    self._deliver(msg)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             self._fail(e)
         except asyncio.CancelledError:
             self._fail(None)
             raise
+
+    def _deliver(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "stats":
+            self.snapshot, self.snapshot_at = msg[1], time.monotonic()
+            return
+        futures = self._waiting.pop(msg[1], None)
+        if futures is None:  # cancelled meanwhile
+            return
+        if kind == "ok":
+            for f, v in zip(futures, msg[2]):
+                if not f.done():
+                    f.set_result(v)
+            return
+        exc: Exception = QueueFull(*msg[2:5]) if kind == "full" else RuntimeError(msg[2])
+        for f in futures:
+            if not f.done():
+                f.set_exception(exc)
 
     def _fail(self, cause: BaseException | None) -> None:
         waiting, self._waiting = self._waiting, {}

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -94,16 +95,20 @@ class RemoteWorker:
 
 
 class FrontendService(EmbeddingService):
-    def __init__(self, settings: Settings, engine_socket: str, index: int = 0):
+    def __init__(self, settings: Settings, engine_socket: str, index: int = 0, engine_pid: int | None = None):
+        """engine_pid: the engine process (this front end's parent); while it lives, linking is
+        retried (it may be loading a model for minutes); once it is gone, start() fails."""
         super().__init__(settings)
         self.engine_socket = engine_socket
+        self.engine_pid = engine_pid
         self.index = index
         self.link: EngineLink | None = None
         self._stats_task: asyncio.Task | None = None
         self.on_engine_lost: Callable[[], None] | None = None  # the process leaves (serving.py)
 
     async def start(self) -> None:
-        self.link = link = await EngineLink.connect(self.engine_socket)
+        pid = self.engine_pid
+        self.link = link = await EngineLink.connect(self.engine_socket, lambda: pid is None or os.getppid() == pid)
         link.closed.add_done_callback(lambda _: self.on_engine_lost and self.on_engine_lost())
         meta = link.meta
         m = self.model_settings
