@@ -87,6 +87,14 @@ def summarize_profile(raw: Path, top: int) -> tuple[dict[int, str], dict[str, di
                    for name, n in totals.items()}
 
 
+def batcher_stats(url: str) -> dict:
+    """The server's batch counters (/info; the bench server runs without API keys)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/info", timeout=10) as r:
+        return json.loads(r.read())["batcher"]
+
+
 def profile_case(running: Running, case: str, args, py_spy: str | None, work: Path) -> dict:
     pid = running.proc.pid
     spy = raw = None
@@ -95,9 +103,14 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(args.duration) + 2), "-r", "100",
                                 "-f", "raw", "-o", str(raw), "--threads", "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    batcher_before = batcher_stats(running.url)
     before, t0 = thread_cpu(pid), time.perf_counter()
     level = drive(running, case, args)[0]
     after, wall = thread_cpu(pid), time.perf_counter() - t0
+    time.sleep(1.2)  # with several front ends the engine's figures travel once a second
+    batcher_after = batcher_stats(running.url)
+    batches = batcher_after["batches_run"] - batcher_before["batches_run"]
+    items = batcher_after["items_run"] - batcher_before["items_run"]
     names, hot = {}, {}
     if spy is not None:
         spy.wait(60)
@@ -107,6 +120,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     threads = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
+        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
         "process_cpu_s": round(sum(d for d, _ in threads), 2),
         "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2),
                      "cpu_ms_per_request": round(1000 * d / requests, 3)} for d, t in threads if d >= 0.05],

@@ -111,3 +111,23 @@ async def test_prebuilt_requests_go_first_and_numbers_never_repeat():
     assert result["built_live"] == len(bodies) - 6 > 0
     texts = [json.loads(b)["input"][0][0]["text"] for b in bodies]
     assert len(set(texts)) == len(texts)
+
+
+async def test_a_level_split_across_processes_counts_every_client_once():
+    import argparse
+
+    from tkr_embed.benchmark.loadgen import run_split_level
+
+    bodies: list[bytes] = []
+    server, url = await serve(bodies, chunked=False)
+    args = argparse.Namespace(url=url, path="/v1/embeddings", case="short", model="m", api_key=None, duration=0.5,
+                              warmup_seconds=0, image_side=32, prebuild_rate=0, processes=2)
+    # The generator processes block on each other (a barrier): off this event loop, which serves them.
+    result = await asyncio.get_running_loop().run_in_executor(None, run_split_level, args, 5)
+    server.close()
+    assert result["processes"] == 2 and result["concurrency"] == 5 and result["errors"] == 0
+    # each process sends one unmeasured request per client first; every measured one was received
+    assert 0 < result["requests"] <= len(bodies) - 5
+    texts = [json.loads(b)["input"][0] for b in bodies]
+    assert len(set(texts)) == len(texts), "two generator processes sent the same text"
+    assert result["latencies"] == sorted(result["latencies"]) and len(result["latencies"]) == result["requests"]

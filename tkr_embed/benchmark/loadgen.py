@@ -63,13 +63,15 @@ def encode_request(host: str, path: str, body: bytes, headers: dict[str, str]) -
 
 async def run_level(url: str, requests, concurrency: int, duration: float,
                     headers: dict[str, str] | None = None, warmup: int = 1, warmup_seconds: float = 0,
-                    prebuilt: list[tuple[str, bytes]] | None = None, first_number: int | None = None) -> dict:
+                    prebuilt: list[tuple[str, bytes]] | None = None, first_number: int | None = None,
+                    start_barrier=None) -> dict:
     """requests(i) -> (path, body bytes) for the i-th request of the run. Each client sends
     `warmup` requests on its own first; then all run together, unmeasured for `warmup_seconds`
     (a backend that compiles each new batch shape once reaches its steady state), then measured
     for `duration`: only requests sent after the measurement began count. `prebuilt` requests
     (built before the clock, see prebuild()) are sent first; numbers for any built during the
-    run start at `first_number`."""
+    run start at `first_number`. start_barrier: a blocking call made once every connection is
+    ready (several generator processes start their clocks together: see run_split_level)."""
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
     headers = headers or {}
@@ -137,6 +139,8 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
     tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
     while ready < concurrency and not any(t.done() for t in tasks):
         await asyncio.sleep(0.01)
+    if start_barrier is not None:
+        await asyncio.get_running_loop().run_in_executor(None, start_barrier)
     t0 = measure_from[0] = time.perf_counter() + warmup_seconds
     stop_at[0] = t0 + duration
     start.set()
@@ -155,7 +159,72 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
         "errors": sum(statuses.values()), "error_statuses": statuses,
         "first_error": first_error[0] if first_error else None,
         "client_failures": failures[:3], "reconnects": reconnects[0], "built_live": built_live[0],
+        "latencies": lat,
     }
+
+
+def merge_levels(parts: list[dict]) -> dict:
+    """Several generator processes' results for one level as one (their clocks started together)."""
+    lat = sorted(x for p in parts for x in p["latencies"])
+    elapsed = max(p["seconds"] for p in parts)
+    statuses: dict[int, int] = {}
+    for p in parts:
+        for k, v in p["error_statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+
+    def q(p: float):
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
+
+    return {
+        "concurrency": sum(p["concurrency"] for p in parts), "requests": len(lat), "seconds": elapsed,
+        "requests_per_s": round(len(lat) / elapsed, 1), "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
+        "errors": sum(statuses.values()), "error_statuses": statuses,
+        "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
+        "client_failures": [f for p in parts for f in p["client_failures"]][:3],
+        "reconnects": sum(p["reconnects"] for p in parts), "built_live": sum(p["built_live"] for p in parts),
+        "processes": len(parts), "latencies": lat,
+    }
+
+
+def _level_process(args: argparse.Namespace, concurrency: int, share: float, barrier, results) -> None:
+    results.put(_one_level(args, concurrency, share, barrier.wait))
+
+
+def _one_level(args: argparse.Namespace, concurrency: int, share: float = 1.0, start_barrier=None) -> dict:
+    """share: this process's part of the level's prebuilt requests."""
+    requests = build_case(args.case, args.path, args.model, args.image_side)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    count = int(args.prebuild_rate * (args.warmup_seconds + args.duration) * share)
+    ready, next_number = prebuild(args.case, args.path, args.model, args.image_side, count) if count else ([], None)
+    try:
+        import uvloop  # a cheaper event loop where installed
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(run_level(args.url, requests, concurrency, args.duration, headers,
+                            warmup_seconds=args.warmup_seconds, prebuilt=ready, first_number=next_number,
+                            start_barrier=start_barrier))
+
+
+def run_split_level(args: argparse.Namespace, concurrency: int) -> dict:
+    """One level from args.processes generator processes, the clients split between them: at
+    thousands of requests/s one generator's event loop answers a finished batch's 64 responses
+    one after another, a delay no set of 64 real clients has."""
+    import multiprocessing
+
+    n = min(args.processes, concurrency)
+    if n == 1:
+        return _one_level(args, concurrency)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    shares = [concurrency // n + (1 if i < concurrency % n else 0) for i in range(n)]
+    procs = [ctx.Process(target=_level_process, args=(args, c, c / concurrency, barrier, results)) for c in shares]
+    for p in procs:
+        p.start()
+    parts = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return merge_levels(parts)
 
 
 def _build(case: str, path: str, model: str, image_side: int, numbers: range) -> list[tuple[str, bytes]]:
@@ -193,20 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prebuild-rate", type=float, default=0,
                     help="build (warm-up + duration) x this many requests before each level, in parallel "
                          "processes (image cases: building a PNG request costs the generator milliseconds)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="generator processes, the clients split between them (clocks started together)")
     args = ap.parse_args(argv)
-    requests = build_case(args.case, args.path, args.model, args.image_side)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        import uvloop  # noqa: F401  (a cheaper event loop where installed)
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
     out = []
     for c in args.concurrency:
-        count = int(args.prebuild_rate * (args.warmup_seconds + args.duration))
-        ready, next_number = prebuild(args.case, args.path, args.model, args.image_side, count) if count else ([], None)
-        out.append(runner(run_level(args.url, requests, c, args.duration, headers, warmup_seconds=args.warmup_seconds,
-                                    prebuilt=ready, first_number=next_number)))
+        level = run_split_level(args, c)
+        level.pop("latencies")
+        out.append(level)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 

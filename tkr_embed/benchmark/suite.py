@@ -161,7 +161,7 @@ def drive(running: Running, case: str, args) -> list[dict]:
     argv = [sys.executable, "-m", "tkr_embed.benchmark.loadgen", "--url", running.url, "--path", running.server.path,
             "--case", case, "--model", running.server.model_name, "--duration", str(args.duration),
             "--warmup-seconds", str(args.warmup), "--prebuild-rate", str(args.prebuild_rate if case in IMAGE_CASES else 0),
-            "--image-side", str(args.image_side),
+            "--image-side", str(args.image_side), "--processes", str(getattr(args, "loadgen_processes", 1)),
             "--concurrency", *map(str, args.concurrency)]
     return run_json(argv)
 
@@ -320,6 +320,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="image cases: requests/s the load generator builds ahead of each level (0: build during it)")
     ap.add_argument("--warmup", type=float, default=0,
                     help="seconds each level runs unmeasured first (MLX on CUDA compiles each new batch shape once)")
+    ap.add_argument("--loadgen-processes", type=int, default=1,
+                    help="load-generator processes per level (a many-core machine: one event loop adds its own "
+                         "serial delay at thousands of requests/s)")
     ap.add_argument("--raw-seconds", type=float, default=4)
     ap.add_argument("--raw-timeout", type=float, default=1800, help="seconds one raw measurement may take")
     ap.add_argument("--raw-batch", type=int, nargs="+", default=[1, 8, 16, 32, 64])
