@@ -88,11 +88,21 @@ def summarize_profile(raw: Path, top: int) -> tuple[dict[int, str], dict[str, di
 
 
 def batcher_stats(url: str) -> dict:
-    """The server's batch counters (/info; the bench server runs without API keys)."""
+    """The server's batch counters (/info; the bench server runs without API keys) and the time
+    its HTTP layer measured for embedding requests (/metrics: seconds and count, all routes)."""
+    import re
     import urllib.request
 
     with urllib.request.urlopen(url + "/info", timeout=10) as r:
-        return json.loads(r.read())["batcher"]
+        info = json.loads(r.read())
+    stats = info["batcher"]
+    stats["frontend"] = info.get("frontends")  # several front ends: the one this request reached
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for part in ("sum", "count"):
+        found = re.findall(rf'^tkr_request_duration_seconds_{part}{{route="/v1/embeddings"}} (\S+)$', text, re.M)
+        stats[f"http_seconds_{part}"] = float(found[0]) if found else 0.0
+    return stats
 
 
 def profile_case(running: Running, case: str, args, py_spy: str | None, work: Path) -> dict:
@@ -116,11 +126,17 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         spy.wait(60)
         if raw.exists():
             names, hot = summarize_profile(raw, args.top)
-    requests = max(level["requests"], 1)
+    # CPU counters span the unmeasured warm-up too: count the requests served over the same span.
+    requests = max(level["requests_per_s"] * wall, 1) if args.warmup else max(level["requests"], 1)
     threads = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
         "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
+        # Mean time a request spent inside the server (first byte in to last byte out), against
+        # the clients' p50: the difference is spent in the network stack and the clients.
+        "server_mean_ms": round(1000 * (batcher_after["http_seconds_sum"] - batcher_before["http_seconds_sum"])
+                                / max(1.0, batcher_after["http_seconds_count"] - batcher_before["http_seconds_count"]), 2),
+        "frontend": batcher_after["frontend"],
         "process_cpu_s": round(sum(d for d, _ in threads), 2),
         "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2),
                      "cpu_ms_per_request": round(1000 * d / requests, 3)} for d, t in threads if d >= 0.05],

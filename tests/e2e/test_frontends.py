@@ -145,3 +145,15 @@ def test_with_auth_one_bootstrap_key_works_through_every_frontend(tmp_path):
                 assert c.post("/embed/text", json={"texts": ["no key"]}).status_code == 401
                 r = c.post("/embed/text", json={"texts": [f"key {i}"]}, headers={"Authorization": f"Bearer {token}"})
                 assert r.status_code == 200
+
+
+def test_a_model_that_cannot_load_stops_every_frontend_with_exit_3(tmp_path):
+    import subprocess
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')  # no weights
+    r = subprocess.run(tkr_embed_cmd("serve", "--config", str(ROOT / "config.dev.yaml"), "--port", "0",
+                                     "--model", str(tmp_path), *FRONTENDS),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # (run() returns only once every process holding the output pipes is gone: no front end lingers)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "the model failed to load" in r.stderr

@@ -211,6 +211,9 @@ class EngineLink:
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ids = itertools.count()
         self._waiting: dict[int, list[asyncio.Future]] = {}
+        self._sent_at: dict[int, float] = {}
+        self.answered = 0  # requests the engine answered, and the seconds they took (queue + batch + link)
+        self.answer_seconds = 0.0
         self._reading = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -237,12 +240,14 @@ class EngineLink:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._waiting[rid] = futures
+        self._sent_at[rid] = time.perf_counter()
         self._out.put(("embed", rid, list(items)))
         # The service cancels every future of a request when its client leaves: tell the engine once.
         futures[0].add_done_callback(lambda f: f.cancelled() and self._cancel(rid))
         return futures
 
     def _cancel(self, rid: int) -> None:
+        self._sent_at.pop(rid, None)
         if self._waiting.pop(rid, None) is not None and not self.closed.done():
             self._out.put(("cancel", rid))
 
@@ -267,9 +272,12 @@ class EngineLink:
             self.snapshot, self.snapshot_at = msg[1], time.monotonic()
             return
         futures = self._waiting.pop(msg[1], None)
+        sent = self._sent_at.pop(msg[1], None)
         if futures is None:  # cancelled meanwhile
             return
         if kind == "ok":
+            self.answered += 1
+            self.answer_seconds += time.perf_counter() - sent
             for f, v in zip(futures, msg[2]):
                 if not f.done():
                     f.set_result(v)

@@ -173,6 +173,9 @@ class FrontendService(EmbeddingService):
                 "shape_buckets": meta["shape_buckets"], "compiled": meta["compiled"],
             },
             "frontends": {"count": self.settings.server.frontends, "this": self.index,
-                          "linked": snap.get("connections", 0)},
+                          "linked": snap.get("connections", 0),
+                          # this front end's requests, from sending to the engine to its answer
+                          "engine_answers": self.link.answered,
+                          "engine_answer_mean_ms": round(1000 * self.link.answer_seconds / max(1, self.link.answered), 3)},
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
