@@ -145,6 +145,8 @@ def test_with_auth_one_bootstrap_key_works_through_every_frontend(tmp_path):
                 assert c.post("/embed/text", json={"texts": ["no key"]}).status_code == 401
                 r = c.post("/embed/text", json={"texts": [f"key {i}"]}, headers={"Authorization": f"Bearer {token}"})
                 assert r.status_code == 200
+                stats = c.get("/admin/stats", headers={"Authorization": f"Bearer {token}"})
+                assert stats.status_code == 200 and stats.json()["queue"]["depth"] >= 0  # the engine's figures
 
 
 def test_a_model_that_cannot_load_stops_every_frontend_with_exit_3(tmp_path):

@@ -208,6 +208,7 @@ class EngineLink:
         self.meta = meta
         self.snapshot: dict = {}
         self.snapshot_at = 0.0  # monotonic time of the last stats answer
+        self.has_snapshot = asyncio.Event()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ids = itertools.count()
         self._waiting: dict[int, list[asyncio.Future]] = {}
@@ -270,6 +271,7 @@ class EngineLink:
         kind = msg[0]
         if kind == "stats":
             self.snapshot, self.snapshot_at = msg[1], time.monotonic()
+            self.has_snapshot.set()
             return
         futures = self._waiting.pop(msg[1], None)
         sent = self._sent_at.pop(msg[1], None)

@@ -122,6 +122,7 @@ class FrontendService(EmbeddingService):
         self.worker = RemoteWorker(link)
         self.memory_bytes = meta["memory_bytes"]
         self._push_stats()
+        await asyncio.wait_for(link.has_snapshot.wait(), SNAPSHOT_STALE_SECONDS)  # /info and /admin/stats read it
         self._stats_task = loop.create_task(self._stats_loop(), name="engine-stats")
         self.loaded = LoadedModel(preparer, resolved, meta["family"], meta["quantization"], meta["load_seconds"])
         self.batcher = RemoteBatcher(link)
