@@ -78,10 +78,13 @@ def serve_one_process(settings: Settings, resolved: ResolvedModel) -> int:
     app = create_app(settings, EmbeddingService(settings, resolved), background_load=True,
                      on_load_failure=load_failed)
     server = DrainingServer(uvicorn_config(settings, app), app, settings)
-    server.run()
-    if app.state.load_error or not server.started:
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's own start failure (the port is taken: logged), its exit code 3 is ours for models
+        return 3 if app.state.load_error else 1
+    if app.state.load_error:
         return 3
-    return 0
+    return 0 if server.started else 1
 
 
 # ---- several front ends -------------------------------------------------------------------------
@@ -227,7 +230,12 @@ class EngineProcess:
         metrics_dir = os.path.join(self.workdir, "metrics")
         os.mkdir(metrics_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        sock = bind_http_socket(self.settings, reuse_port=REUSE_PORT, listen=not REUSE_PORT)
+        try:
+            sock = bind_http_socket(self.settings, reuse_port=REUSE_PORT, listen=not REUSE_PORT)
+        except OSError as e:
+            log.error("cannot listen on %s:%d: %s", self.settings.server.host, self.settings.server.port, e.strerror)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return 1
         host, port = sock.getsockname()[:2]
         # server.port 0 means any free port: the one reserved here, for every front end
         self.frontend_settings = self.settings.model_copy(

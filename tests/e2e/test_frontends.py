@@ -74,12 +74,17 @@ def test_every_frontend_serves_and_metrics_count_them_all():
             together = c.post("/embed/text", json={"texts": texts}).json()["embeddings"]
             for r, vec in zip(responses, together):  # same vectors, whichever front end answered
                 assert max(abs(a - b) for a, b in zip(r.json()["embeddings"][0], vec)) < 1e-5
-        time.sleep(1.5)  # engine figures travel once a second
+        def items(text: str) -> float:
+            return sample(text, "tkr_items_embedded_total", model="sentence-transformers/all-MiniLM-L6-v2",
+                          modality="text")
+
+        # Counters travel through the engine once a second each way: a front end's scrape shows the
+        # other's last requests within ~2 s. Request metrics are summed at once (shared files).
+        wait_until(lambda: all(items(fresh_post_metrics(base)) == 48 for _ in range(4)), 15, "item counts summed")
         for _ in range(4):  # whichever front end the scrape reaches, the sums are the same
             text = fresh_post_metrics(base)
             assert sample(text, "tkr_requests_total", route="/embed/text", status="200") == 25
-            assert sample(text, "tkr_items_embedded_total", model="sentence-transformers/all-MiniLM-L6-v2",
-                          modality="text") == 48
+            assert items(text) == 48
             assert sample(text, "tkr_batch_size_count") >= 1
             assert sample(text, "tkr_ready") == 1
 
@@ -159,3 +164,19 @@ def test_a_model_that_cannot_load_stops_every_frontend_with_exit_3(tmp_path):
     # (run() returns only once every process holding the output pipes is gone: no front end lingers)
     assert r.returncode == 3, r.stderr[-2000:]
     assert "the model failed to load" in r.stderr
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_busy_port_is_exit_1_not_3(frontends):
+    # 3 tells supervisors "the model cannot load, do not restart"; a busy port may free up.
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(tkr_embed_cmd("serve", "--config", str(ROOT / "config.dev.yaml"), "--port", str(port),
+                                         "--frontends", frontends), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "in use" in r.stderr

@@ -91,9 +91,11 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
     async def start_service(app: FastAPI) -> None:
         try:
             await service.start()
+        except asyncio.CancelledError:  # shutdown while loading (a signal, or the port was taken): no model error
+            raise
         except BaseException as e:  # noqa: BLE001 - reported; the server exits through on_load_failure
             app.state.load_error = f"{type(e).__name__}: {e}"
-            if not background_load or isinstance(e, asyncio.CancelledError):
+            if not background_load:
                 raise
             log.error("the model failed to load: %s", app.state.load_error)
             if on_load_failure is not None:
