@@ -50,3 +50,23 @@ def test_patch_layout_keeps_channels_and_positions():
     red = per[:, 0].mean(axis=(1, 2, 3)) > 0
     # merge order: 2x2 blocks row-major; block (0,0) and (1,0) are left (red), (0,1),(1,1) right (blue)
     assert red.tolist() == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4
+
+
+def test_uint8_patches_normalised_on_mlx_equal_the_float_pixels(worker):
+    # Requests carry uint8 patches (1/8 of the bytes); the worker rescales, normalises and copies
+    # the frames with MLX. It must hand the tower what the reference-matching float path does.
+    from tkr_embed.models.qwen2_vl_image import image_patches, normalize_patches
+
+    cfg = Qwen2VLImageConfig(min_pixels=MIN, max_pixels=64 * 28 * 28)
+    rng = np.random.default_rng(3)
+    img = Image.fromarray((rng.random((90, 130, 3)) * 255).astype(np.uint8))
+    raw, grid = image_patches(img, cfg)
+    expected, grid2 = preprocess_image(img, cfg)
+    assert raw.dtype == np.uint8 and grid == grid2 and raw.nbytes * 8 == expected.nbytes
+
+    def on_mlx(patches):
+        import mlx.core as mx
+
+        return np.array(normalize_patches(mx.array(patches), cfg, xp=mx))
+
+    np.testing.assert_allclose(worker.call(on_mlx, raw), expected, atol=1e-6)

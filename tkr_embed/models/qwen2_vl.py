@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .base import EvaluatingForward, IMAGE, TEXT, EmbedItem, Prepared, UnsupportedInput
-from .qwen2_vl_image import Qwen2VLImageConfig, num_image_tokens, preprocess_image
+from .qwen2_vl_image import Qwen2VLImageConfig, image_patches, normalize_patches, num_image_tokens
 
 DEFAULT_INSTRUCTION = "You are a helpful assistant."
 DEFAULT_MAX_TOKENS = 8192
@@ -117,10 +117,10 @@ class Qwen2VLEmbedder(EvaluatingForward):
         suffix = self._tokenize("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
         text_ids = self._tokenize(item.text) if item.text else []
 
-        pixel_values, grids, image_runs = [], [], []
+        patches, grids, image_runs = [], [], []
         for img in item.images:
-            flat, grid = preprocess_image(img.image, self.image_config)
-            pixel_values.append(flat)
+            flat, grid = image_patches(img.image, self.image_config)
+            patches.append(flat)
             grids.append(grid)
             image_runs.append(
                 [self.vision_start_id]
@@ -141,8 +141,8 @@ class Qwen2VLEmbedder(EvaluatingForward):
         ids.extend(suffix)
         input_ids = np.asarray(ids, dtype=np.int32)
         extras: dict[str, Any] = {"positions": self._mrope_positions(input_ids, grids)}
-        if pixel_values:
-            extras["pixel_values"] = np.concatenate(pixel_values, axis=0)
+        if patches:  # uint8, one frame: normalised on the device (qwen2_vl_image.image_patches)
+            extras["image_patches"] = np.concatenate(patches, axis=0)
             extras["grid_thw"] = np.asarray(grids, dtype=np.int32)
         return Prepared(input_ids=input_ids, num_tokens=len(ids), extras=extras, full_tokens=full)
 
@@ -200,13 +200,15 @@ class Qwen2VLEmbedder(EvaluatingForward):
 
         lm = self.model.language_model.model
         embeds = lm.embed_tokens(mx.array(ids))
-        with_images = [p for p in batch if "pixel_values" in p.extras]
+        with_images = [p for p in batch if "image_patches" in p.extras]
         if with_images:
             tower = self.model.vision_tower
             dtype = tower.patch_embed.proj.weight.dtype
-            # One host-to-MLX copy per item and the concatenation on the device: a numpy
-            # concatenate first copied every 4.8 MB image twice on the worker thread.
-            pixels = mx.concatenate([mx.array(p.extras["pixel_values"]) for p in with_images]).astype(dtype)
+            # One host-to-MLX copy of each item's uint8 patches, then concatenation, rescaling,
+            # normalising and the frame copies on the device (a numpy concatenate of float32
+            # pixels once copied every 4.8 MB image twice on the worker thread).
+            raw = mx.concatenate([mx.array(p.extras["image_patches"]) for p in with_images])
+            pixels = normalize_patches(raw, self.image_config, xp=mx).astype(dtype)
             grid = np.concatenate([p.extras["grid_thw"] for p in with_images])  # host data (qwen2_vl_vision.py)
             features = tower(pixels, grid, output_hidden_states=False)
             # Image features fill the <|image_pad|> slots in row-major order: item by item,

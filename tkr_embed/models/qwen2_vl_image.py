@@ -74,24 +74,51 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def preprocess_image(image: Image.Image, cfg: Qwen2VLImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """RGB PIL image -> (flattened patches float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
+def image_patches(image: Image.Image, cfg: Qwen2VLImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB PIL image -> (its resized pixels as patches, uint8 [t*h*w, C*P*P], one frame; grid (t, h, w)).
+
+    What a request carries to the model: 1/8 of the bytes of the float32 pixel values (one frame
+    instead of temporal_patch_size copies, bytes instead of floats), so a 448-pixel image crosses
+    the engine link and reaches the device as 0.6 MB instead of 4.8. Rescaling, normalising and
+    the frame copies happen on the device (normalize_patches_mx), numbers identical to
+    preprocess_image's."""
     width, height = image.size
     rh, rw = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     if (rw, rh) != (width, height):
         image = image.resize((rw, rh), resample=Image.BICUBIC)
-    arr = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)  # H, W, C
-    arr = (arr - np.asarray(cfg.image_mean, dtype=np.float32)) / np.asarray(cfg.image_std, dtype=np.float32)
-    arr = arr.transpose(2, 0, 1)  # C, H, W
-    # One still image is a clip of temporal_patch_size identical frames.
-    frames = np.broadcast_to(arr[None], (cfg.temporal_patch_size, *arr.shape))
+    arr = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # C, H, W
     c = arr.shape[0]
-    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    p, m = cfg.patch_size, cfg.merge_size
     gt, gh, gw = 1, rh // p, rw // p
-    patches = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    flat = np.ascontiguousarray(patches.reshape(gt * gh * gw, c * tp * p * p), dtype=np.float32)
-    return flat, (gt, gh, gw)
+    # Patches in the vision tower's order: merge windows row by row, then within each window.
+    patches = arr.reshape(gt, c, gh // m, m, p, gw // m, m, p).transpose(0, 2, 5, 3, 6, 1, 4, 7)
+    return np.ascontiguousarray(patches.reshape(gt * gh * gw, c * p * p)), (gt, gh, gw)
+
+
+def _scale_and_shift(cfg: Qwen2VLImageConfig) -> tuple[np.ndarray, np.ndarray]:
+    """x * scale + shift == (x / 255 - mean) / std, per channel."""
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    return (np.float32(1.0 / 255.0) / std), (-mean / std)
+
+
+def normalize_patches(patches: np.ndarray, cfg: Qwen2VLImageConfig, xp=np):
+    """uint8 patches [n, C*P*P] -> the vision tower's float32 input [n, C*T*P*P] (xp: numpy, or
+    mlx.core on the worker): rescaled, normalised per channel, each frame repeated T times."""
+    n = patches.shape[0]
+    c = len(cfg.image_mean)
+    pp = cfg.patch_size * cfg.patch_size
+    scale, shift = (xp.array(a).reshape(1, c, 1, 1) for a in _scale_and_shift(cfg))
+    x = patches.reshape(n, c, 1, pp).astype(xp.float32) * scale + shift
+    x = xp.broadcast_to(x, (n, c, cfg.temporal_patch_size, pp))
+    return x.reshape(n, c * cfg.temporal_patch_size * pp)
+
+
+def preprocess_image(image: Image.Image, cfg: Qwen2VLImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB PIL image -> (flattened patches float32 [t*h*w, C*T*P*P], grid (t, h, w)): the
+    reference processor's pixel_values (tests/correctness compares them)."""
+    patches, grid = image_patches(image, cfg)
+    return np.ascontiguousarray(normalize_patches(patches, cfg), dtype=np.float32), grid
 
 
 def num_image_tokens(grid: tuple[int, int, int], merge_size: int) -> int:
