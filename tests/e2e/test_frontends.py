@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,26 @@ def wait_until(check, seconds: float, what: str):
     raise AssertionError(f"{what}: not within {seconds} s")
 
 
+def linked(base: str) -> int:
+    """Front ends the engine serves, as /info says (0 from a front end still linking: 503)."""
+    r = httpx.get(base + "/info")
+    return r.json()["frontends"]["linked"] if r.status_code == 200 else 0
+
+
+def all_ready(base: str) -> bool:
+    """/ready on 16 fresh connections (spread over the front ends by the kernel) all 200."""
+    return all(httpx.get(base + "/ready").status_code == 200 for _ in range(16))
+
+
+@contextmanager
+def frontend_server(*args: str, env: dict | None = None):
+    """running_server with front ends, yielded once every front end is ready: /ready answered
+    from one of them, and the others link to the engine moments later."""
+    with running_server(*FRONTENDS, *args, env=env) as (base, proc):
+        wait_until(lambda: all_ready(base), 15, "every front end ready")
+        yield base, proc
+
+
 def fresh_post(base: str, text: str) -> httpx.Response:
     """One request on a new connection, so the kernel may hand it to either front end."""
     with httpx.Client(base_url=base, timeout=60) as c:
@@ -64,9 +85,11 @@ def fresh_post(base: str, text: str) -> httpx.Response:
 
 
 def test_every_frontend_serves_and_metrics_count_them_all():
-    with running_server(*FRONTENDS) as (base, proc):
+    with frontend_server() as (base, proc):
         assert len(children(proc.pid)) == 2
-        wait_until(lambda: httpx.get(base + "/info").json()["frontends"]["linked"] == 2, 10, "both linked")
+        # /ready answered from one front end; the other links within moments (a fresh connection
+        # may reach it first and get 503 "loading" meanwhile)
+        wait_until(lambda: linked(base) == 2, 10, "both linked")
         texts = [f"front-end check {i}: embeddings on my own machine" for i in range(24)]
         responses = [fresh_post(base, t) for t in texts]
         assert [r.status_code for r in responses] == [200] * 24
@@ -78,9 +101,11 @@ def test_every_frontend_serves_and_metrics_count_them_all():
             return sample(text, "tkr_items_embedded_total", model="sentence-transformers/all-MiniLM-L6-v2",
                           modality="text")
 
-        # Counters travel through the engine once a second each way: a front end's scrape shows the
-        # other's last requests within ~2 s. Request metrics are summed at once (shared files).
+        # Counters travel through the engine once a second each way: every front end's scrape shows
+        # the other's last requests within ~2 s of them (one push, then one refresh). Request
+        # metrics are summed at once (shared files).
         wait_until(lambda: all(items(fresh_post_metrics(base)) == 48 for _ in range(4)), 15, "item counts summed")
+        time.sleep(3)  # the first front end to show 48 may have been scraped before the other refreshed
         for _ in range(4):  # whichever front end the scrape reaches, the sums are the same
             text = fresh_post_metrics(base)
             assert sample(text, "tkr_requests_total", route="/embed/text", status="200") == 25
@@ -95,7 +120,7 @@ def fresh_post_metrics(base: str) -> str:
 
 
 def test_sigterm_drains_every_frontend_then_exits_zero():
-    with running_server(*FRONTENDS, env={"EMBEDDING__SERVER__SHUTDOWN_GRACE_SECONDS": "120"}) as (base, proc):
+    with frontend_server(env={"EMBEDDING__SERVER__SHUTDOWN_GRACE_SECONDS": "120"}) as (base, proc):
         kids = children(proc.pid)
 
         async def load_then_signal():
@@ -117,7 +142,7 @@ def test_sigterm_drains_every_frontend_then_exits_zero():
 
 
 def test_a_dead_frontend_is_replaced_and_frontends_never_outlive_the_engine():
-    with running_server(*FRONTENDS) as (base, proc):
+    with frontend_server() as (base, proc):
         first = children(proc.pid)
         os.kill(first[0], signal.SIGKILL)
         replaced = wait_until(lambda: (k := children(proc.pid)) and len(k) == 2 and first[0] not in k and k,
@@ -125,7 +150,7 @@ def test_a_dead_frontend_is_replaced_and_frontends_never_outlive_the_engine():
         # The replacement links before it takes connections: no request meets an unlinked front end.
         assert all(fresh_post(base, f"after the crash {i}").status_code == 200 for i in range(8))
         time.sleep(1.5)  # snapshots taken after the crash
-        wait_until(lambda: httpx.get(base + "/info").json()["frontends"]["linked"] == 2, 30, "relinked")
+        wait_until(lambda: linked(base) == 2, 30, "relinked")
         proc.kill()  # the engine dies without a word: its front ends must leave, not serve errors
         proc.wait(10)
         wait_until(lambda: not any(alive(k) for k in replaced), 15, "front ends gone with the engine")
@@ -133,7 +158,7 @@ def test_a_dead_frontend_is_replaced_and_frontends_never_outlive_the_engine():
 
 def test_with_auth_one_bootstrap_key_works_through_every_frontend(tmp_path):
     env = {"EMBEDDING_REQUIRE_API_KEY": "true", "EMBEDDING_DATA_DIR": str(tmp_path)}
-    with running_server(*FRONTENDS, env=env) as (base, proc):
+    with frontend_server(env=env) as (base, proc):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         out = proc.stdout.read()
@@ -144,7 +169,7 @@ def test_with_auth_one_bootstrap_key_works_through_every_frontend(tmp_path):
     listed = subprocess.run(tkr_embed_cmd("keys", "--config", str(ROOT / "config.dev.yaml"), "list"),
                             env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True)
     assert listed.returncode == 0 and listed.stdout.count('"id"') == 1
-    with running_server(*FRONTENDS, env=env) as (base, proc):
+    with frontend_server(env=env) as (base, proc):
         for i in range(6):
             with httpx.Client(base_url=base, timeout=60) as c:
                 assert c.post("/embed/text", json={"texts": ["no key"]}).status_code == 401
