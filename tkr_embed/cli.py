@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from . import __version__
@@ -203,13 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         from .blas import ensure_fast_blas
 
         ensure_fast_blas(argv)  # re-execs once with OpenBLAS preloaded on Linux, if available
-        code = args.func(args)
-        # The server has drained and stopped its engine: leave without the interpreter's
-        # finalisation. After MLX ran on the worker thread, exiting the interpreter can abort
-        # ("terminate called without an active exception"; raw.py and bench/compile_check.py hit
-        # it too): a clean drain once ended in SIGABRT, exit -6, in the end-to-end SIGTERM test.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from .serving import leave
+
+        leave(args.func(args))  # the server has drained and stopped its engine (serving.leave says why)
     sys.exit(args.func(args))

@@ -68,23 +68,44 @@ def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
     )
 
 
-def serve_one_process(settings: Settings, resolved: ResolvedModel) -> int:
+def serve_app(settings: Settings, service, sockets: list[socket.socket] | None = None,
+              background_load: bool = True, one_of_frontends: bool = False,
+              on_server=None) -> int:
+    """The app around `service` under uvicorn until it stops; returns the exit code.
+    on_server(stop): handed a function that stops the server (a front end's engine going away)."""
     from .api.app import create_app
-    from .engine.service import EmbeddingService
 
-    def load_failed(exc: BaseException) -> None:
-        server.should_exit = True  # exit code 3 below: a model problem, not worth a restart loop
+    def stop(*_) -> None:  # a load failure: exit code 3 below, a model problem, not worth a restart loop
+        server.should_exit = True
 
-    app = create_app(settings, EmbeddingService(settings, resolved), background_load=True,
-                     on_load_failure=load_failed)
+    app = create_app(settings, service, background_load=background_load, on_load_failure=stop,
+                     one_of_frontends=one_of_frontends)
     server = DrainingServer(uvicorn_config(settings, app), app, settings)
+    if on_server is not None:
+        on_server(stop)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit:  # uvicorn's own start failure (the port is taken: logged), its exit code 3 is ours for models
         return 3 if app.state.load_error else 1
     if app.state.load_error:
         return 3
     return 0 if server.started else 1
+
+
+def serve_one_process(settings: Settings, resolved: ResolvedModel) -> int:
+    from .engine.service import EmbeddingService
+
+    return serve_app(settings, EmbeddingService(settings, resolved))
+
+
+def leave(code: int) -> None:
+    """Exit without the interpreter's finalisation. After MLX ran on a worker thread, exiting the
+    interpreter can abort ("terminate called without an active exception"; raw.py and
+    bench/compile_check.py hit it too): a clean drain once ended in SIGABRT, exit -6."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---- several front ends -------------------------------------------------------------------------
@@ -99,37 +120,12 @@ def frontend_main(settings: Settings, sock: socket.socket | None, engine_socket:
     from .logs import setup_logging_for
 
     setup_logging_for(settings)
-    from .api.app import create_app
     from .engine.remote import FrontendService
 
     service = FrontendService(settings, engine_socket, index, engine_pid)
-
-    def load_failed(exc: BaseException) -> None:
-        server.should_exit = True
-
-    app = create_app(settings, service, background_load=not engine_ready, on_load_failure=load_failed,
-                     one_of_frontends=True)
-    server = DrainingServer(uvicorn_config(settings, app), app, settings)
-    service.on_engine_lost = lambda: setattr(server, "should_exit", True)
-    server.run(sockets=[sock or bind_http_socket(settings, reuse_port=True)])
-    code = 3 if app.state.load_error or not server.started else 0
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def engine_meta(service) -> dict:
-    """What every front end learns on linking (engine/link.py's hello)."""
-    lm = service.loaded
-    emb = lm.embedder
-    return {
-        "path": str(lm.resolved.path), "model_id": lm.resolved.model_id, "revision": lm.resolved.revision,
-        "family": lm.family, "quantization": lm.quantization, "load_seconds": lm.load_seconds,
-        "dimension": emb.dimension, "max_tokens": emb.max_tokens, "memory_bytes": service.memory_bytes,
-        "describe": emb.describe(), "cpu_shards": service.sharded.shards,
-        "shape_buckets": service.sharded.buckets is not None, "compiled": bool(getattr(emb, "compiled", False)),
-    }
+    leave(serve_app(settings, service, [sock or bind_http_socket(settings, reuse_port=True)],
+                    background_load=not engine_ready, one_of_frontends=True,
+                    on_server=lambda stop: setattr(service, "on_engine_lost", stop)))
 
 
 # Linux balances a port's connections across the listening sockets of an SO_REUSEPORT group. With
@@ -246,7 +242,7 @@ class EngineProcess:
                  host, port, self.count, os.getpid())
 
         service = EmbeddingService(self.settings, self.resolved)
-        engine = EngineHost(service, {})
+        engine = EngineHost(service)
         service.on_batch = engine.observe_batch
         code = 0
         try:
@@ -255,7 +251,6 @@ class EngineProcess:
             await asyncio.wait((loading, stop_wait), return_when=asyncio.FIRST_COMPLETED)
             if loading.done() and loading.exception() is None:
                 stop_wait.cancel()
-                engine.meta = engine_meta(service)
                 await engine.start(self.engine_socket)
                 self.engine_ready = True
                 code = await self._supervise(sock)

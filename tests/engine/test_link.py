@@ -8,7 +8,6 @@ import asyncio
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tkr_embed.engine.batcher import QueueFull
 from tkr_embed.engine.link import EngineGone, EngineHost
@@ -16,7 +15,6 @@ from tkr_embed.engine.remote import FrontendService
 from tkr_embed.engine.service import EmbeddingService
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.engine.media import decode_image
-from tkr_embed.serving import engine_meta
 from tests.helpers import make_settings, png_bytes
 
 
@@ -29,10 +27,9 @@ async def linked(tiny_dir, tmp_path_factory):
     """(engine service, its host, a front-end service linked to it)."""
     settings = make_settings(str(tiny_dir), **{"engine.max_queue_items": 6, "cache.enabled": False})
     engine = EmbeddingService(settings)
-    host = EngineHost(engine, {})
+    host = EngineHost(engine)
     engine.on_batch = host.observe_batch
     await engine.start()
-    host.meta = engine_meta(engine)
     path = str(tmp_path_factory.mktemp("link") / "engine.sock")
     await host.start(path)
     front = FrontendService(settings, path, index=0)

@@ -37,14 +37,13 @@ class Metrics:
                                     registry=self.registry)
         self.batch_size = None if multiprocess else Histogram(
             "tkr_batch_size", "Items per forward pass.", buckets=BATCH_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(app))
         self.exposition = self.registry  # what /metrics renders
-        if multiprocess:
+        if multiprocess:  # every front end's request metrics, from the shared files
             from prometheus_client import multiprocess as mp
 
             self.exposition = CollectorRegistry()
             mp.MultiProcessCollector(self.exposition)
-            self.exposition.register(_EngineCollector(app))
+        self.exposition.register(_EngineCollector(app))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -61,6 +61,11 @@ def encode_request(host: str, path: str, body: bytes, headers: dict[str, str]) -
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode("latin-1") + body
 
 
+def quantile_ms(lat: list[float], p: float) -> float | None:
+    """The p-quantile of sorted latencies (seconds), in milliseconds."""
+    return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
+
+
 async def run_level(url: str, requests, concurrency: int, duration: float,
                     headers: dict[str, str] | None = None, warmup: int = 1, warmup_seconds: float = 0,
                     prebuilt: list[tuple[str, bytes]] | None = None, first_number: int | None = None,
@@ -149,13 +154,10 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
     failures = [repr(r) for r in results if isinstance(r, BaseException)]
     lat = sorted(latencies)
 
-    def q(p: float):
-        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
-
     return {
         "concurrency": concurrency, "requests": len(lat), "seconds": round(elapsed, 2),
         "requests_per_s": round(len(lat) / elapsed, 1),
-        "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
+        "p50_ms": quantile_ms(lat, 0.50), "p95_ms": quantile_ms(lat, 0.95), "p99_ms": quantile_ms(lat, 0.99),
         "errors": sum(statuses.values()), "error_statuses": statuses,
         "first_error": first_error[0] if first_error else None,
         "client_failures": failures[:3], "reconnects": reconnects[0], "built_live": built_live[0],
@@ -172,12 +174,9 @@ def merge_levels(parts: list[dict]) -> dict:
         for k, v in p["error_statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
 
-    def q(p: float):
-        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
-
     return {
         "concurrency": sum(p["concurrency"] for p in parts), "requests": len(lat), "seconds": elapsed,
-        "requests_per_s": round(len(lat) / elapsed, 1), "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
+        "requests_per_s": round(len(lat) / elapsed, 1), "p50_ms": quantile_ms(lat, 0.50), "p95_ms": quantile_ms(lat, 0.95), "p99_ms": quantile_ms(lat, 0.99),
         "errors": sum(statuses.values()), "error_statuses": statuses,
         "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
         "client_failures": [f for p in parts for f in p["client_failures"]][:3],

@@ -88,13 +88,26 @@ def add_counters(total: dict, part: dict) -> None:
             total[k] = total.get(k, 0) + v
 
 
+def hello_meta(service) -> dict:
+    """What every front end learns on linking: the model, and how the engine runs it."""
+    lm = service.loaded
+    emb = lm.embedder
+    return {
+        "path": str(lm.resolved.path), "model_id": lm.resolved.model_id, "revision": lm.resolved.revision,
+        "family": lm.family, "quantization": lm.quantization, "load_seconds": lm.load_seconds,
+        "dimension": emb.dimension, "max_tokens": emb.max_tokens, "memory_bytes": service.memory_bytes,
+        "describe": emb.describe(), "cpu_shards": service.sharded.shards,
+        "shape_buckets": service.sharded.buckets is not None, "compiled": bool(getattr(emb, "compiled", False)),
+    }
+
+
 class EngineHost:
     """Runs in the engine process, on its event loop: serves front ends from one EmbeddingService's
-    batcher. meta: the ("hello", meta) every front end receives on connect."""
+    batcher, once that service has started (the model loaded and warm)."""
 
-    def __init__(self, service, meta: dict):
+    def __init__(self, service):
         self.service = service
-        self.meta = meta
+        self.meta: dict = {}  # the ("hello", meta) every front end receives on connect
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._server: asyncio.AbstractServer | None = None
         self._counters: dict[int, dict] = {}  # per live connection: its front end's last counters
@@ -107,6 +120,7 @@ class EngineHost:
         self.batch_sizes[size] += 1
 
     async def start(self, path: str) -> None:
+        self.meta = hello_meta(self.service)
         self._server = await asyncio.start_unix_server(self._serve, path)
 
     async def stop(self) -> None:

@@ -29,66 +29,55 @@ log = logging.getLogger(__name__)
 SNAPSHOT_STALE_SECONDS = 10.0
 
 
-class RemoteBatcher:
-    """The engine's batcher as the service and the API see it: submit() plus its figures."""
+class _EngineFigures:
+    """One part of the engine's latest snapshot (link.py), read without a round trip."""
+
+    part = ""
 
     def __init__(self, link: EngineLink):
         self.link = link
+
+    def _get(self, key: str, default=0):
+        return self.link.snapshot.get(self.part, {}).get(key, default)
+
+
+class RemoteBatcher(_EngineFigures):
+    """The engine's batcher as the service and the API see it: submit() plus its figures."""
+
+    part = "batcher"
+
+    def __init__(self, link: EngineLink):
+        super().__init__(link)
         self.submit = link.submit
 
-    @property
-    def _stats(self) -> dict:
-        return self.link.snapshot.get("batcher", {})
-
     def stats(self) -> dict:
-        return dict(self._stats)
+        return dict(self.link.snapshot.get(self.part, {}))
 
-    @property
-    def depth(self) -> int:
-        return self._stats.get("queue_depth", 0)
-
-    @property
-    def items_dropped(self) -> int:
-        return self._stats.get("items_dropped", 0)
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.link.snapshot.get("padded_tokens", 0)
+    depth = property(lambda self: self._get("queue_depth"))
+    items_dropped = property(lambda self: self._get("items_dropped"))
+    padded_tokens = property(lambda self: self.link.snapshot.get("padded_tokens", 0))
 
     async def stop(self) -> None:
         pass
 
 
-class RemoteWorker:
+class RemoteWorker(_EngineFigures):
     """The engine's MLX worker as /ready and /metrics see it."""
 
-    def __init__(self, link: EngineLink):
-        self.link = link
+    part = "worker"
 
-    @property
-    def _w(self) -> dict:
-        return self.link.snapshot.get("worker", {})
-
-    @property
-    def busy_seconds(self) -> float:
-        return self._w.get("busy_seconds", 0.0)
-
-    @property
-    def jobs_run(self) -> int:
-        return self._w.get("jobs_run", 0)
-
-    @property
-    def memory(self) -> dict:
-        return self._w.get("memory", {})
+    busy_seconds = property(lambda self: self._get("busy_seconds", 0.0))
+    jobs_run = property(lambda self: self._get("jobs_run"))
+    memory = property(lambda self: self._get("memory", {}))
 
     def stalled(self, limit_seconds: float) -> str | None:
         if self.link.closed.done():
             return "the engine process is not reachable"
         if self.link.snapshot_at and time.monotonic() - self.link.snapshot_at > SNAPSHOT_STALE_SECONDS:
             return f"the engine process has not answered for over {SNAPSHOT_STALE_SECONDS:.0f} s"
-        if self._w and not self._w.get("alive", True):
+        if not self._get("alive", True):
             return "the MLX worker is not running"
-        running = self._w.get("job_running_seconds")
+        running = self._get("job_running_seconds", None)
         if running is not None and running > limit_seconds:
             return f"the MLX worker has been running one job for over {limit_seconds:.0f} s"
         return None

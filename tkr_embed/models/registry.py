@@ -146,9 +146,7 @@ def load_embedder(resolved: ResolvedModel, quantization: str = "auto", max_token
         else:
             from .text_encoder import TextEncoderEmbedder
 
-            emb = TextEncoderEmbedder.load(resolved.path, resolved.model_id, config, mode)
-            if max_tokens:
-                emb.max_tokens = min(emb.max_tokens, max_tokens)
+            emb = TextEncoderEmbedder.load(resolved.path, resolved.model_id, config, mode, max_tokens)
     except ModelLoadError:
         raise
     except Exception as e:  # a broken checkpoint: say which and why, without a stack trace
@@ -169,7 +167,4 @@ def load_preparer(resolved: ResolvedModel, quantization: str, max_tokens: int | 
                                max_tokens=max_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
     from .text_encoder import TextEncoderEmbedder
 
-    emb = TextEncoderEmbedder(resolved.path, resolved.model_id, config, None, quantization)
-    if max_tokens:
-        emb.max_tokens = min(emb.max_tokens, max_tokens)
-    return emb
+    return TextEncoderEmbedder(resolved.path, resolved.model_id, config, None, quantization, max_tokens)

@@ -25,7 +25,9 @@ class TextEncoderEmbedder(EvaluatingForward):
     family = "text_encoder"
     modalities = frozenset({TEXT})
 
-    def __init__(self, model_dir: Path, model_id: str, config: dict, model: Any, quantization: str):
+    def __init__(self, model_dir: Path, model_id: str, config: dict, model: Any, quantization: str,
+                 max_tokens: int | None = None):
+        """max_tokens: a lower limit than the checkpoint's (model.max_tokens), or None."""
         self.model_dir = model_dir
         self.model_id = model_id
         self.model = model
@@ -33,7 +35,7 @@ class TextEncoderEmbedder(EvaluatingForward):
         self.dimension = int(config["hidden_size"])
         st_cfg = _read_json(model_dir / "sentence_bert_config.json") or {}
         self.max_tokens = int(st_cfg.get("max_seq_length") or config.get("max_position_embeddings", 512))
-        self.max_tokens = min(self.max_tokens, int(config.get("max_position_embeddings", 512)))
+        self.max_tokens = min(self.max_tokens, int(config.get("max_position_embeddings", 512)), max_tokens or 1 << 30)
         self.pooling_config = _read_json(model_dir / "1_Pooling" / "config.json") or {"pooling_mode": "mean"}
         modules = _read_json(model_dir / "modules.json") or []
         self.checkpoint_normalizes = any("Normalize" in m.get("type", "") for m in modules)
@@ -44,7 +46,8 @@ class TextEncoderEmbedder(EvaluatingForward):
         self.fast_ops: list[str] = []  # ops swapped for multiply-add polynomials (CPU backend)
 
     @classmethod
-    def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str) -> "TextEncoderEmbedder":
+    def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str,
+             max_tokens: int | None = None) -> "TextEncoderEmbedder":
         """Worker thread only: builds MLX arrays."""
         from mlx_vlm.utils import load_model
 
@@ -52,7 +55,7 @@ class TextEncoderEmbedder(EvaluatingForward):
 
         model = load_model(model_dir)
         apply_quantization(model, quantization)
-        emb = cls(model_dir, model_id, config, model, quantization)
+        emb = cls(model_dir, model_id, config, model, quantization, max_tokens)
         if on_cpu_backend():  # scalar erf and exp are the CPU backend's biggest costs in BERT layers
             from .fast_ops import set_fast_cpu_ops
 
