@@ -1,0 +1,131 @@
+"""Can two batches share the GPU? Raw forward throughput, one batch at a time against overlapped.
+
+    python bench/stream_overlap.py --model DIR --case short --batch 32 64 --seconds 3 --device gpu --dtype bfloat16
+
+At 64 closed-loop clients the server's batches settle at ~32 items (two cohorts: one runs while
+the other travels; docs/benchmarks.md), so the server's ceiling is the engine's batch-32 rate,
+0.76x of batch 64 on an H100. This measures whether the device has room for a second batch while
+one runs. Modes, alternated in rounds on one loaded model (its decoder compiled, as the server's):
+  serial    build, evaluate, copy out; then the next batch (what the engine does today)
+  pipe1     one stream, up to two batches launched (mx.async_eval) before the oldest is copied out
+  pipe2     the same on two GPU streams, alternating: kernels of both batches may run at once
+Reports items/s over each round (throughput, not a per-batch median: overlapped batches have no
+batch time of their own) and the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODES = ("serial", "pipe1", "pipe2")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--case", nargs="+", default=["short"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--seconds", type=float, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--image-side", type=int, default=448)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    args = ap.parse_args()
+
+    import mlx.core as mx
+    import numpy as np
+    from PIL import Image
+
+    from tkr_embed.benchmark.raw import case_inputs
+    from tkr_embed.engine.worker import MLXWorker
+    from tkr_embed.models.base import DecodedImage, EmbedItem
+    from tkr_embed.models.registry import load_embedder, resolve_model_dir
+
+    worker = MLXWorker(args.device)
+    worker.start()
+
+    def setup():
+        emb = load_embedder(resolve_model_dir(args.model), "none").embedder
+        if args.dtype:
+            emb.model.set_dtype(getattr(mx, args.dtype))
+        if hasattr(emb, "use_compiled_decoder"):
+            emb.use_compiled_decoder()
+        return emb, [mx.default_stream(mx.default_device()), mx.new_stream(mx.default_device())]
+
+    emb, streams = worker.call(setup)
+
+    def prepared_for(case: str, b: int):
+        items = []
+        for i, (text, png) in enumerate(case_inputs(case, b, args.image_side)):
+            imgs = ()
+            if png is not None:
+                imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),)
+            items.append(EmbedItem(text=text, images=imgs))
+        return [emb.prepare(it) for it in items]
+
+    def launch(prepared, stream):
+        with mx.stream(stream):
+            out = emb.encode(prepared)
+        mx.async_eval(out)
+        return out
+
+    def run_round(mode: str, prepared, seconds: float) -> float:
+        """Items/s over `seconds` of back-to-back batches in this mode."""
+        depth = 1 if mode == "serial" else 2
+        use = streams[:2] if mode == "pipe2" else streams[:1]
+        in_flight: list = []
+        done = 0
+        n = 0
+        t0 = time.perf_counter()
+        while True:
+            elapsed = time.perf_counter() - t0
+            if elapsed < seconds:
+                in_flight.append(launch(prepared, use[n % len(use)]))
+                n += 1
+            if not in_flight:
+                break
+            if len(in_flight) >= depth or elapsed >= seconds:
+                np.array(in_flight.pop(0), copy=True)  # waits for that batch, as the engine does
+                done += len(prepared)
+        return done / (time.perf_counter() - t0)
+
+    rows = []
+    for case in args.case:
+        for b in args.batch:
+            prepared = prepared_for(case, b)
+            ref = worker.call(lambda: np.array(launch(prepared, streams[0])))
+            modes = args.modes
+            for mode in modes:  # warm-up: compile and plan each stream's shapes once
+                worker.call(run_round, mode, prepared, 0.5)
+            # The second stream's vectors must equal the first's (same model, same inputs).
+            other = worker.call(lambda: np.array(launch(prepared, streams[1])))
+            samples = {m: [] for m in modes}
+            for _ in range(args.rounds):
+                for mode in modes:
+                    samples[mode].append(worker.call(run_round, mode, prepared, args.seconds))
+            row = {"case": case, "batch": b, "tokens_per_item": max(p.cost for p in prepared),
+                   "max_abs_diff_stream2": float(np.abs(other - ref).max())}
+            row["max_ops_per_buffer"] = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default")
+            for mode in modes:
+                row[mode] = round(statistics.median(samples[mode]), 1)
+                row[mode + "_rounds"] = [round(x, 1) for x in samples[mode]]
+                if mode != "serial" and "serial" in row:
+                    row[mode + "_vs_serial"] = round(row[mode] / row["serial"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    # As tkr_embed/benchmark/raw.py: leave without tearing MLX down from the main thread.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
