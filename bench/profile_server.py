@@ -97,7 +97,6 @@ def batcher_stats(url: str) -> dict:
         info = json.loads(r.read())
     stats = info["batcher"]
     stats["frontend"] = info.get("frontends")  # several front ends: the one this request reached
-    stats["overlapped"] = info["worker"].get("overlapped_batches", 0)  # launched while another ran
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     for part in ("sum", "count"):
@@ -132,8 +131,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     threads = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
-        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0,
-                    "overlapped": batcher_after["overlapped"] - batcher_before["overlapped"]},
+        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
         # Mean time a request spent inside the server (first byte in to last byte out), against
         # the clients' p50: the difference is spent in the network stack and the clients.
         "server_mean_ms": round(1000 * (batcher_after["http_seconds_sum"] - batcher_before["http_seconds_sum"])

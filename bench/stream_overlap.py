@@ -10,7 +10,9 @@ one runs. Modes, alternated in rounds on one loaded model (its decoder compiled,
   pipe1     one stream, up to two batches launched (mx.async_eval) before the oldest is copied out
   pipe2     the same on two GPU streams, alternating: kernels of both batches may run at once
 Reports items/s over each round (throughput, not a per-batch median: overlapped batches have no
-batch time of their own) and the median over rounds.
+batch time of their own) and the median over rounds. MLX_MAX_OPS_PER_BUFFER in the environment
+is recorded with each row. What the server made of it (nothing: the worker blocks inside
+mx.async_eval): docs/benchmarks.md, "Two batches in flight, again".
 """
 
 from __future__ import annotations

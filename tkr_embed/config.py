@@ -80,9 +80,6 @@ class EngineSettings(_Section):
     # element-wise ops, less graph building. auto = on for CUDA, as shape_buckets (each new shape
     # costs a trace, so only where shapes are few).
     compile: Literal["auto", "on", "off"] = "auto"
-    # Batches on the device at once: with 2, the next batch is built and launched while one runs
-    # (engine/worker.py). 0 = by backend: 2 on CUDA (measured), 1 elsewhere.
-    pipeline_depth: int = Field(0, ge=0, le=4)
     retry_after_seconds: int = Field(1, ge=1)
 
     @field_validator("shape_buckets", "compile", mode="before")

@@ -52,19 +52,6 @@ def time_batches(run: Callable[[], object], batch: int, seconds: float) -> dict:
             "runs": len(times)}
 
 
-def time_two_in_flight(sharded, emb, prepared, seconds: float) -> float:
-    """Items/s with the next batch launched before the previous one is collected (worker thread)."""
-    pending = sharded.launch(emb, prepared)
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        nxt = sharded.launch(emb, prepared)
-        pending.collect()
-        done += len(prepared)
-        pending = nxt
-    pending.collect()
-    return round((done + len(prepared)) / (time.perf_counter() - t0), 1)
-
-
 def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None,
                image_side: int = 128, cpu_shards: int = 0) -> dict:
     import io
@@ -100,8 +87,6 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
         prepared = [emb.prepare(it) for it in items]
         row = worker.call(time_batches, lambda: sharded(emb, prepared), b, seconds)
         row["tokens_per_item"] = max(p.cost for p in prepared)
-        if not sharded.on_cpu:  # what two batches in flight reach (engine.pipeline_depth): for reference
-            row["two_in_flight_items_per_s"] = worker.call(time_two_in_flight, sharded, emb, prepared, seconds)
         rows.append(row)
         print(f"batch {b}: {row}", file=sys.stderr, flush=True)
     return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(),

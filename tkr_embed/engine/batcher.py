@@ -7,11 +7,6 @@ to add the least padding, and never so many that real / padded tokens fall below
 `min_padding_efficiency`: queries and long passages waiting together run as two batches rather
 than one where every query pads to a passage's length. While the worker runs one batch, new
 arrivals queue up and form the next one, so batches grow with load without any fixed wait.
-
-With `max_in_flight` 2 (engine.pipeline_depth, CUDA) a second batch goes to the worker while one
-runs, so the device starts it without a gap, but only once it is as large as the running one or
-full by the limits above: handing over whatever is waiting the moment a slot frees would split
-the load into ever smaller batches (measured on an H100: slower than one at a time).
 """
 
 from __future__ import annotations
@@ -99,12 +94,8 @@ def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_i
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch_tokens: int, max_batch_items: int,
                  max_queue_items: int, retry_after_seconds: int = 1,
-                 on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0,
-                 max_in_flight: int = 1):
+                 on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0):
         self._run_batch = run_batch
-        self.max_in_flight = max_in_flight
-        self._running: dict[asyncio.Task, list[_Entry]] = {}  # batches handed to the worker
-        self._last_size = 0  # items in the batch handed over last
         self._on_batch = on_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
@@ -139,10 +130,7 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        running = [e for batch in self._running.values() for e in batch]
-        for task in list(self._running):
-            task.cancel()
-        for e in self._pending + running:
+        for e in self._pending:
             if not e.future.done():
                 e.future.set_exception(RuntimeError("the server is shutting down"))
         self._pending.clear()
@@ -162,40 +150,26 @@ class Batcher:
         self._wakeup.set()
         return futures
 
-    def _take(self, at_least: int = 0) -> list[_Entry]:
-        """The next batch, or nothing if it would hold fewer than `at_least` items while more
-        could still join it (everything waiting fits)."""
+    def _take(self) -> list[_Entry]:
         live = [e for e in self._pending if not e.future.done()]
         self.items_dropped += len(self._pending) - len(live)  # clients that went away
-        self._pending = live
         if not live:
+            self._pending = []
             return []
         chosen = plan_batch([e.prepared.cost for e in live], [e.seq for e in live],
                             self.max_batch_tokens, self.max_batch_items, self.min_padding_efficiency)
-        if len(chosen) < at_least and len(chosen) == len(live):
-            return []
         picked = set(chosen)
         self._pending = [e for i, e in enumerate(live) if i not in picked]
         return [live[i] for i in chosen]
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()  # items arrived, or a batch finished
-            self._wakeup.clear()
-            while len(self._running) < self.max_in_flight:
-                # A batch alongside a running one must be worth it (module docstring).
-                batch = self._take(self._last_size if self._running else 0)
-                if not batch:
-                    break
-                self._last_size = len(batch)
-                task = loop.create_task(self._execute(batch))
-                self._running[task] = batch
-                task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self._running.pop(task, None)
-        self._wakeup.set()
+            await self._wakeup.wait()
+            batch = self._take()
+            if not self._pending:
+                self._wakeup.clear()
+            if batch:
+                await self._execute(batch)
 
     async def _execute(self, batch: list[_Entry]) -> None:
         prepared = [e.prepared for e in batch]

@@ -98,7 +98,6 @@ def hello_meta(service) -> dict:
         "dimension": emb.dimension, "max_tokens": emb.max_tokens, "memory_bytes": service.memory_bytes,
         "describe": emb.describe(), "cpu_shards": service.sharded.shards,
         "shape_buckets": service.sharded.buckets is not None, "compiled": bool(getattr(emb, "compiled", False)),
-        "pipeline_depth": service.sharded.pipeline_depth,
     }
 
 
@@ -144,8 +143,7 @@ class EngineHost:
             "batcher": s.batcher.stats(),
             "padded_tokens": s.batcher.padded_tokens,
             "batch_sizes": dict(self.batch_sizes),
-            "worker": {"busy_seconds": round(w.busy_seconds, 3), "jobs_run": w.jobs_run, "overlapped": w.overlapped,
-                       "memory": dict(w.memory),
+            "worker": {"busy_seconds": round(w.busy_seconds, 3), "jobs_run": w.jobs_run, "memory": dict(w.memory),
                        "alive": w.stalled(float("inf")) is None,
                        "job_running_seconds": None if started is None else time.monotonic() - started},
             "frontends": totals,

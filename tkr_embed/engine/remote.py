@@ -68,7 +68,6 @@ class RemoteWorker(_EngineFigures):
 
     busy_seconds = property(lambda self: self._get("busy_seconds", 0.0))
     jobs_run = property(lambda self: self._get("jobs_run"))
-    overlapped = property(lambda self: self._get("overlapped", 0))
     memory = property(lambda self: self._get("memory", {}))
 
     def stalled(self, limit_seconds: float) -> str | None:
@@ -162,7 +161,6 @@ class FrontendService(EmbeddingService):
                 "busy_seconds": self.worker.busy_seconds, "jobs_run": self.worker.jobs_run,
                 "device": self.settings.model.device, "cpu_shards": meta["cpu_shards"],
                 "shape_buckets": meta["shape_buckets"], "compiled": meta["compiled"],
-                "pipeline_depth": meta["pipeline_depth"], "overlapped_batches": self.worker.overlapped,
             },
             "frontends": {"count": self.settings.server.frontends, "this": self.index,
                           "linked": snap.get("connections", 0),

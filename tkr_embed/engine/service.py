@@ -123,8 +123,7 @@ class EmbeddingService:
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
-                                                    e.max_batch_items, e.compile, e.pipeline_depth)
-            self.worker.pipeline_depth = self.sharded.pipeline_depth
+                                                    e.max_batch_items, e.compile)
         else:
             self.sharded = self._shared_with.sharded
         self.loaded, self.memory_bytes = await self.worker.submit(
@@ -138,8 +137,7 @@ class EmbeddingService:
         max_tokens = resolve_batch_tokens(e.max_batch_tokens, self.sharded.on_cpu)
         self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
-                               min_padding_efficiency=e.min_padding_efficiency,
-                               max_in_flight=self.sharded.pipeline_depth)
+                               min_padding_efficiency=e.min_padding_efficiency)
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request
         # (one item per shard, so every CPU stream has run once).
@@ -171,7 +169,7 @@ class EmbeddingService:
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run_batch(self, batch: Sequence[Prepared]):
-        return self.worker.submit_launch(self.sharded.launch, self.loaded.embedder, list(batch))
+        return self.worker.submit(self.sharded, self.loaded.embedder, list(batch))
 
     # ---- properties the API reads -------------------------------------------------------------
     @property
@@ -323,8 +321,6 @@ class EmbeddingService:
                 "cpu_shards": self.sharded.shards,  # CPU streams each batch is split across
                 "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
                 "compiled": bool(getattr(emb, "compiled", False)),  # the decoder runs mx.compile'd
-                "pipeline_depth": self.sharded.pipeline_depth,  # batches on the device at once
-                "overlapped_batches": self.worker.overlapped,  # launched while another one ran
             },
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }

@@ -53,14 +53,6 @@ def resolve_compile(setting: str, on_cpu: bool, cuda: bool) -> bool:
     return resolve_shape_buckets(setting, on_cpu, cuda)
 
 
-def resolve_pipeline_depth(setting: int, on_cpu: bool, cuda: bool) -> int:
-    """engine.pipeline_depth: 0 means 2 on MLX's CUDA backend (measured: bench/stream_overlap.py,
-    docs/benchmarks.md), 1 elsewhere (a CPU batch already keeps every core busy; Metal unmeasured)."""
-    if setting > 0:
-        return setting
-    return 2 if cuda and not on_cpu else 1
-
-
 class ShapeBuckets:
     """Pads batches to bucketed shapes, never beyond the engine's and the model's own limits."""
 

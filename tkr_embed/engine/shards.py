@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..models.base import Embedder, Prepared
-from .shapes import ShapeBuckets, resolve_compile, resolve_pipeline_depth, resolve_shape_buckets
+from .shapes import ShapeBuckets, resolve_compile, resolve_shape_buckets
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,10 @@ class ShardedForward:
     Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
     def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False,
-                 on_cpu: bool = True, pipeline_depth: int = 1):
+                 on_cpu: bool = True):
         import mlx.core as mx
 
         self.shards = shards
-        self.pipeline_depth = pipeline_depth  # batches launched before the oldest is collected
         self.buckets = buckets
         self.compile = compile  # models that support it run their decoder mx.compile'd (adopt)
         self.on_cpu = on_cpu  # MLX computes on its CPU backend
@@ -102,56 +101,29 @@ class ShardedForward:
             embedder.use_compiled_decoder()
 
     def __call__(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
-        return self.launch(embedder, batch).collect()
-
-    def launch(self, embedder: Embedder, batch: Sequence[Prepared]) -> "Launched":
-        """Build the batch's graph and start evaluating it (mx.async_eval) without waiting: the
-        worker may launch the next batch before it collects this one (engine.pipeline_depth)."""
         import mlx.core as mx
 
         if self.buckets is not None:
             padded, length = self.buckets.pad(batch, embedder.max_tokens)
-            out = embedder.encode(padded, length)
-            mx.async_eval(out)
-            return Launched([out], [list(range(len(batch)))], len(batch), (len(padded), length))
+            return embedder.forward(padded, length)[: len(batch)]
         if self.shards == 1 or len(batch) == 1:
-            out = embedder.encode(batch)
-            mx.async_eval(out)
-            return Launched([out], [list(range(len(batch)))], len(batch), None)
+            return embedder.forward(batch)
         runs = split_by_cost([p.cost for p in batch], self.shards)
         outs = []
         for run, stream in zip(runs, self._streams):
             with mx.stream(stream):
                 outs.append(embedder.encode([batch[i] for i in run]))
-        mx.async_eval(*outs)
-        return Launched(outs, runs, len(batch), None)
-
-
-class Launched:
-    """A batch on the device: its lazy vectors (one array per shard) and the rows each fills.
-    Worker thread only. `shape` (the padded batch shape, where batches are bucketed) names the
-    batches whose device time is alike; None where shapes are unbounded."""
-
-    __slots__ = ("outs", "runs", "size", "shape")
-
-    def __init__(self, outs: list, runs: list[list[int]], size: int, shape: tuple[int, int] | None):
-        self.outs, self.runs, self.size, self.shape = outs, runs, size, shape
-
-    def collect(self) -> np.ndarray:
-        """Wait for the device, then the vectors as float32 numpy, one row per real item."""
-        if len(self.outs) == 1:  # padding rows (shape buckets) dropped
-            return np.array(self.outs[0], copy=True)[: self.size]
-        result = np.empty((self.size, self.outs[0].shape[-1]), dtype=np.float32)
-        for run, out in zip(self.runs, self.outs):
+        mx.eval(*outs)
+        result = np.empty((len(batch), outs[0].shape[-1]), dtype=np.float32)
+        for run, out in zip(runs, outs):
             result[run] = np.array(out, copy=False)
         return result
 
 
 def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64,
-                         compile: str = "off", pipeline_depth: int = 1) -> ShardedForward:
+                         compile: str = "off") -> ShardedForward:
     """Worker thread only (CPU streams exist only on the thread that made them).
-    setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off);
-    pipeline_depth: engine.pipeline_depth (0: by backend)."""
+    setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off)."""
     import mlx.core as mx
 
     from ..models.quantize import on_cpu_backend
@@ -169,7 +141,4 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     compiled = resolve_compile(compile, on_cpu, cuda)
     if compiled:
         log.info("decoders traced with mx.compile per batch shape (engine.compile)")
-    depth = resolve_pipeline_depth(pipeline_depth, on_cpu, cuda)
-    if depth > 1:
-        log.info("up to %d batches on the device at once (engine.pipeline_depth)", depth)
-    return ShardedForward(shards, buckets, compiled, on_cpu, depth)
+    return ShardedForward(shards, buckets, compiled, on_cpu)
