@@ -67,8 +67,9 @@ def test_relative_data_dir_is_relative_to_the_config_file(tmp_path):
 def test_bare_on_and_off_switch_engine_settings():
     # YAML reads a bare off/on as a boolean; the three-way switches take them as "off"/"on".
     s = load_settings(ROOT / "config.yaml", env={"EMBEDDING__ENGINE__COMPILE": "off",
-                                                 "EMBEDDING__ENGINE__SHAPE_BUCKETS": "on"})
-    assert (s.engine.compile, s.engine.shape_buckets) == ("off", "on")
+                                                 "EMBEDDING__ENGINE__SHAPE_BUCKETS": "on",
+                                                 "EMBEDDING__ENGINE__LENGTH_BUCKETS": "8"})
+    assert (s.engine.compile, s.engine.shape_buckets, s.engine.length_buckets) == ("off", "on", 8)
     with pytest.raises(SettingsError, match="engine.compile"):
         load_settings(ROOT / "config.yaml", env={"EMBEDDING__ENGINE__COMPILE": "sometimes"})
 

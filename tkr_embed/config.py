@@ -76,6 +76,9 @@ class EngineSettings(_Section):
     # Pad each batch to one of a few sizes and lengths (engine/shapes.py): a new batch shape costs
     # MLX's CUDA backend a one-off 0.1-0.3 s. auto = on for CUDA only; on/off force it.
     shape_buckets: Literal["auto", "on", "off"] = "auto"
+    # With shape buckets: padded lengths per power of two (4: up to 25% padding, 8: up to 12.5%,
+    # twice as many shapes to compile once).
+    length_buckets: int = Field(4, ge=1, le=64)
     # Trace a model's decoder with mx.compile, once per batch shape (Qwen2-VL embedders): fused
     # element-wise ops, less graph building. auto = on for CUDA, as shape_buckets (each new shape
     # costs a trace, so only where shapes are few).

@@ -50,6 +50,9 @@ def test_padding_repeats_the_last_item_and_stays_within_the_limits():
     assert len(b.pad([_Item(5)] * 49, 512)[0]) == 50  # the bucket (56) capped at max_batch_items
     assert b.pad([_Item(250)], max_tokens=256)[1] == 256  # never past the model's own limit (bucket: 256)
     assert b.pad([_Item(300)], max_tokens=256)[1] == 300  # an item already over it keeps its length
+    # engine.length_buckets: a 448-pixel image's 278 tokens pad to 320 with 4 lengths per octave, 288 with 8
+    assert b.pad([_Item(278)], max_tokens=32768)[1] == 320
+    assert ShapeBuckets(max_items=50, length_steps=8).pad([_Item(278)], max_tokens=32768)[1] == 288
 
 
 def test_bucketed_minilm_matches_each_itemforward_each_alone(worker, minilm):

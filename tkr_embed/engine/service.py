@@ -123,7 +123,7 @@ class EmbeddingService:
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
-                                                    e.max_batch_items, e.compile)
+                                                    e.max_batch_items, e.compile, e.length_buckets)
         else:
             self.sharded = self._shared_with.sharded
         self.loaded, self.memory_bytes = await self.worker.submit(

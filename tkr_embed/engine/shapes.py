@@ -54,15 +54,17 @@ def resolve_compile(setting: str, on_cpu: bool, cuda: bool) -> bool:
 
 
 class ShapeBuckets:
-    """Pads batches to bucketed shapes, never beyond the engine's and the model's own limits."""
+    """Pads batches to bucketed shapes, never beyond the engine's and the model's own limits.
+    length_steps: padded lengths per power of two (engine.length_buckets)."""
 
-    def __init__(self, max_items: int):
+    def __init__(self, max_items: int, length_steps: int = STEPS_PER_OCTAVE):
         self.max_items = max_items
+        self.length_steps = length_steps
 
     def pad(self, batch: Sequence[Prepared], max_tokens: int) -> tuple[list[Prepared], int]:
         """(the batch with repeated last items, the padded length every row gets)."""
         n = len(batch)
         size = min(bucket(n), max(n, self.max_items))
         longest = max(p.cost for p in batch)
-        length = min(bucket(longest), max(longest, max_tokens))
+        length = min(bucket(longest, self.length_steps), max(longest, max_tokens))
         return list(batch) + [batch[-1]] * (size - n), length

@@ -121,9 +121,10 @@ class ShardedForward:
 
 
 def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64,
-                         compile: str = "off") -> ShardedForward:
+                         compile: str = "off", length_steps: int = 4) -> ShardedForward:
     """Worker thread only (CPU streams exist only on the thread that made them).
-    setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off)."""
+    setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off);
+    length_steps: engine.length_buckets."""
     import mlx.core as mx
 
     from ..models.quantize import on_cpu_backend
@@ -135,7 +136,7 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     buckets = None
     cuda = getattr(getattr(mx, "cuda", None), "is_available", lambda: False)()
     if resolve_shape_buckets(shape_buckets, on_cpu, cuda):
-        buckets = ShapeBuckets(max_items)
+        buckets = ShapeBuckets(max_items, length_steps)
         log.info("batches padded to bucketed shapes (engine.shape_buckets)")
         shards = 1  # one padded batch; streams would split it into shapes of their own
     compiled = resolve_compile(compile, on_cpu, cuda)
