@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tkr_embed.engine.shards import available_cores
+
 from tests.api.test_operations import sample
 from tests.e2e.server import ROOT, running_server, tkr_embed_cmd
 
@@ -90,6 +92,11 @@ def test_every_frontend_serves_and_metrics_count_them_all():
         # /ready answered from one front end; the other links within moments (a fresh connection
         # may reach it first and get 503 "loading" meanwhile)
         wait_until(lambda: linked(base) == 2, 10, "both linked")
+        # /info from a front end: the engine's layout (this process runs no model), its own cache
+        info = httpx.get(base + "/info").json()
+        assert info["model"]["dimension"] == 384 and info["model"]["family"] == "text_encoder"
+        assert info["worker"]["cpu_shards"] == available_cores() and info["worker"]["compiled"] is False
+        assert info["worker"]["jobs_run"] >= 1 and info["cache"]["scope"].startswith("front end ")
         texts = [f"front-end check {i}: embeddings on my own machine" for i in range(24)]
         responses = [fresh_post(base, t) for t in texts]
         assert [r.status_code for r in responses] == [200] * 24

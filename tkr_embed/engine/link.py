@@ -96,8 +96,7 @@ def hello_meta(service) -> dict:
         "path": str(lm.resolved.path), "model_id": lm.resolved.model_id, "revision": lm.resolved.revision,
         "family": lm.family, "quantization": lm.quantization, "load_seconds": lm.load_seconds,
         "dimension": emb.dimension, "max_tokens": emb.max_tokens, "memory_bytes": service.memory_bytes,
-        "describe": emb.describe(), "cpu_shards": service.sharded.shards,
-        "shape_buckets": service.sharded.buckets is not None, "compiled": bool(getattr(emb, "compiled", False)),
+        **service.engine_layout(),
     }
 
 

@@ -143,29 +143,17 @@ class FrontendService(EmbeddingService):
     def batch_sizes(self) -> dict[int, int]:
         return {int(k): v for k, v in self.link.snapshot.get("batch_sizes", {}).items()}
 
+    def engine_layout(self) -> dict:
+        """The engine process's (it runs the model; this process only prepares inputs)."""
+        return {k: self.link.meta[k] for k in ("describe", "cpu_shards", "shape_buckets", "compiled")}
+
     def info(self) -> dict:
-        meta, snap = self.link.meta, self.link.snapshot
-        lm = self.loaded
-        emb = lm.embedder
-        return {
-            "model": {
-                "id": lm.resolved.model_id, "family": lm.family, "dimension": emb.dimension,
-                "modalities": sorted(emb.modalities), "max_tokens": emb.max_tokens,
-                "quantization": lm.quantization, "revision": lm.resolved.revision,
-                "load_seconds": round(lm.load_seconds, 3), **meta["describe"],
-            },
-            "memory": {"mlx": dict(self.worker.memory)},  # the engine process's
-            "cache": {**self.cache.stats(), "scope": f"front end {self.index} of {self.settings.server.frontends}"},
-            "batcher": self.batcher.stats(),
-            "worker": {
-                "busy_seconds": self.worker.busy_seconds, "jobs_run": self.worker.jobs_run,
-                "device": self.settings.model.device, "cpu_shards": meta["cpu_shards"],
-                "shape_buckets": meta["shape_buckets"], "compiled": meta["compiled"],
-            },
-            "frontends": {"count": self.settings.server.frontends, "this": self.index,
-                          "linked": snap.get("connections", 0),
-                          # this front end's requests, from sending to the engine to its answer
-                          "engine_answers": self.link.answered,
-                          "engine_answer_mean_ms": round(1000 * self.link.answer_seconds / max(1, self.link.answered), 3)},
-            "uptime_seconds": round(time.time() - self.started_at, 1),
-        }
+        info = super().info()  # memory.mlx and worker: the engine's, from its snapshot
+        info["cache"]["scope"] = f"front end {self.index} of {self.settings.server.frontends}"
+        info["frontends"] = {
+            "count": self.settings.server.frontends, "this": self.index,
+            "linked": self.link.snapshot.get("connections", 0),
+            # this front end's requests, from sending to the engine to its answer
+            "engine_answers": self.link.answered,
+            "engine_answer_mean_ms": round(1000 * self.link.answer_seconds / max(1, self.link.answered), 3)}
+        return info

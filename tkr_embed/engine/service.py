@@ -292,9 +292,19 @@ class EmbeddingService:
         """Forward passes by size, where the Metrics histogram cannot observe them (None: it does)."""
         return None
 
+    def engine_layout(self) -> dict:
+        """How the engine runs the model: the model's own description and the forward pass's
+        switches (a front end reports the engine process's, as it learned them on linking)."""
+        emb = self.loaded.embedder
+        return {"describe": emb.describe(),
+                "cpu_shards": self.sharded.shards,  # CPU streams each batch is split across
+                "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
+                "compiled": bool(getattr(emb, "compiled", False))}  # the decoder runs mx.compile'd
+
     def info(self) -> dict:
         lm = self.loaded
         emb = lm.embedder
+        layout = self.engine_layout()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {
             "model": {
@@ -306,7 +316,7 @@ class EmbeddingService:
                 "quantization": lm.quantization,
                 "revision": lm.resolved.revision,
                 "load_seconds": round(lm.load_seconds, 3),
-                **emb.describe(),
+                **layout["describe"],
             },
             "memory": {
                 "mlx": dict(self.worker.memory),
@@ -318,9 +328,7 @@ class EmbeddingService:
                 "busy_seconds": round(self.worker.busy_seconds, 3),
                 "jobs_run": self.worker.jobs_run,
                 "device": self.settings.model.device,  # the worker's, shared by every model
-                "cpu_shards": self.sharded.shards,  # CPU streams each batch is split across
-                "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
-                "compiled": bool(getattr(emb, "compiled", False)),  # the decoder runs mx.compile'd
+                **{k: layout[k] for k in ("cpu_shards", "shape_buckets", "compiled")},
             },
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
