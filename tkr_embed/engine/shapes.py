@@ -10,9 +10,11 @@ buckets it keeps paying that: the GPU's busy time went to compiling.
 Rounding the batch size and the padded length up to 4 steps per power of two (1..8, then 10,
 12, 14, 16, 20, 24, 28, 32, 40, ...: under 25% padding, on a device that runs small batches far
 below its capacity anyway) leaves 20 batch sizes up to 64 and 4 lengths per octave, each paid
-for once; the service's warm-up pays for the batch sizes. Padding rows repeat the batch's last
-item and their vectors are dropped; padding tokens are masked (encoders) or come after the
-pooled last token of a causal model, so the real rows' vectors do not change.
+for once; the service's warm-up pays for the batch sizes (`engine.length_buckets: 8` halves the
+length steps: images and image+text 1-3% faster on an H100, twice the lengths to compile once).
+Padding rows repeat the batch's last item and their vectors are dropped; padding tokens are
+masked (encoders) or come after the pooled last token of a causal model, so the real rows'
+vectors do not change.
 
 CPU and Metal kernels are not built per shape: there padding would only cost compute, so
 `engine.shape_buckets: auto` turns this on for CUDA only.
