@@ -154,13 +154,19 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
     failures = [repr(r) for r in results if isinstance(r, BaseException)]
     lat = sorted(latencies)
 
+    return level_result(concurrency, lat, elapsed, statuses, first_error[0] if first_error else None,
+                        failures, reconnects[0], built_live[0])
+
+
+def level_result(concurrency: int, lat: list[float], elapsed: float, statuses: dict[int, int],
+                 first_error: str | None, failures: list[str], reconnects: int, built_live: int) -> dict:
+    """One level's figures from its sorted latencies (seconds) and error counts."""
     return {
         "concurrency": concurrency, "requests": len(lat), "seconds": round(elapsed, 2),
         "requests_per_s": round(len(lat) / elapsed, 1),
         "p50_ms": quantile_ms(lat, 0.50), "p95_ms": quantile_ms(lat, 0.95), "p99_ms": quantile_ms(lat, 0.99),
-        "errors": sum(statuses.values()), "error_statuses": statuses,
-        "first_error": first_error[0] if first_error else None,
-        "client_failures": failures[:3], "reconnects": reconnects[0], "built_live": built_live[0],
+        "errors": sum(statuses.values()), "error_statuses": statuses, "first_error": first_error,
+        "client_failures": failures[:3], "reconnects": reconnects, "built_live": built_live,
         "latencies": lat,
     }
 
@@ -174,15 +180,12 @@ def merge_levels(parts: list[dict]) -> dict:
         for k, v in p["error_statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
 
-    return {
-        "concurrency": sum(p["concurrency"] for p in parts), "requests": len(lat), "seconds": elapsed,
-        "requests_per_s": round(len(lat) / elapsed, 1), "p50_ms": quantile_ms(lat, 0.50), "p95_ms": quantile_ms(lat, 0.95), "p99_ms": quantile_ms(lat, 0.99),
-        "errors": sum(statuses.values()), "error_statuses": statuses,
-        "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
-        "client_failures": [f for p in parts for f in p["client_failures"]][:3],
-        "reconnects": sum(p["reconnects"] for p in parts), "built_live": sum(p["built_live"] for p in parts),
-        "processes": len(parts), "latencies": lat,
-    }
+    merged = level_result(sum(p["concurrency"] for p in parts), lat, elapsed, statuses,
+                          next((p["first_error"] for p in parts if p["first_error"]), None),
+                          [f for p in parts for f in p["client_failures"]],
+                          sum(p["reconnects"] for p in parts), sum(p["built_live"] for p in parts))
+    merged["processes"] = len(parts)
+    return merged
 
 
 def _level_process(args: argparse.Namespace, concurrency: int, share: float, barrier, results) -> None:

@@ -224,8 +224,7 @@ class EngineLink:
         self.has_snapshot = asyncio.Event()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ids = itertools.count()
-        self._waiting: dict[int, list[asyncio.Future]] = {}
-        self._sent_at: dict[int, float] = {}
+        self._waiting: dict[int, tuple[float, list[asyncio.Future]]] = {}  # request id -> (sent at, futures)
         self.answered = 0  # requests the engine answered, and the seconds they took (queue + batch + link)
         self.answer_seconds = 0.0
         self._reading = asyncio.ensure_future(self._read())
@@ -253,15 +252,13 @@ class EngineLink:
         rid = next(self._ids)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        self._waiting[rid] = futures
-        self._sent_at[rid] = time.perf_counter()
+        self._waiting[rid] = (time.perf_counter(), futures)
         self._out.put(("embed", rid, list(items)))
         # The service cancels every future of a request when its client leaves: tell the engine once.
         futures[0].add_done_callback(lambda f: f.cancelled() and self._cancel(rid))
         return futures
 
     def _cancel(self, rid: int) -> None:
-        self._sent_at.pop(rid, None)
         if self._waiting.pop(rid, None) is not None and not self.closed.done():
             self._out.put(("cancel", rid))
 
@@ -286,10 +283,10 @@ class EngineLink:
             self.snapshot, self.snapshot_at = msg[1], time.monotonic()
             self.has_snapshot.set()
             return
-        futures = self._waiting.pop(msg[1], None)
-        sent = self._sent_at.pop(msg[1], None)
-        if futures is None:  # cancelled meanwhile
+        waiting = self._waiting.pop(msg[1], None)
+        if waiting is None:  # cancelled meanwhile
             return
+        sent, futures = waiting
         if kind == "ok":
             self.answered += 1
             self.answer_seconds += time.perf_counter() - sent
@@ -304,7 +301,7 @@ class EngineLink:
 
     def _fail(self, cause: BaseException | None) -> None:
         waiting, self._waiting = self._waiting, {}
-        for futures in waiting.values():
+        for _, futures in waiting.values():
             for f in futures:
                 if not f.done():
                     f.set_exception(EngineGone("the engine process went away"))

@@ -37,8 +37,11 @@ class _EngineFigures:
     def __init__(self, link: EngineLink):
         self.link = link
 
+    def _figures(self) -> dict:
+        return self.link.snapshot.get(self.part, {})
+
     def _get(self, key: str, default=0):
-        return self.link.snapshot.get(self.part, {}).get(key, default)
+        return self._figures().get(key, default)
 
 
 class RemoteBatcher(_EngineFigures):
@@ -51,7 +54,7 @@ class RemoteBatcher(_EngineFigures):
         self.submit = link.submit
 
     def stats(self) -> dict:
-        return dict(self.link.snapshot.get(self.part, {}))
+        return dict(self._figures())
 
     depth = property(lambda self: self._get("queue_depth"))
     items_dropped = property(lambda self: self._get("items_dropped"))

@@ -80,8 +80,8 @@ def image_patches(image: Image.Image, cfg: Qwen2VLImageConfig) -> tuple[np.ndarr
     What a request carries to the model: 1/8 of the bytes of the float32 pixel values (one frame
     instead of temporal_patch_size copies, bytes instead of floats), so a 448-pixel image crosses
     the engine link and reaches the device as 0.6 MB instead of 4.8. Rescaling, normalising and
-    the frame copies happen on the device (normalize_patches_mx), numbers identical to
-    preprocess_image's."""
+    the frame copies happen on the device (normalize_patches with xp=mlx.core), numbers
+    identical to preprocess_image's."""
     width, height = image.size
     rh, rw = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     if (rw, rh) != (width, height):
