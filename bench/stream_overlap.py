@@ -9,6 +9,11 @@ one runs. Modes, alternated in rounds on one loaded model (its decoder compiled,
   serial    build, evaluate, copy out; then the next batch (what the engine does today)
   pipe1     one stream, up to two batches launched (mx.async_eval) before the oldest is copied out
   pipe2     the same on two GPU streams, alternating: kernels of both batches may run at once
+With --processes P (P > 1) the serial mode instead runs in P processes at once, each with its own
+copy of the model, started together for each round (a barrier), and the row reports their summed
+items/s as `procsP`: what engine replicas sharing one GPU could do, where one process's
+mx.async_eval blocks (no MPS: the device time-slices between processes, so this measures whether
+one process's host-side work hides behind another's kernels).
 Reports items/s over each round (throughput, not a per-batch median: overlapped batches have no
 batch time of their own) and the median over rounds. MLX_MAX_OPS_PER_BUFFER in the environment
 is recorded with each row. What the server made of it (nothing: the worker blocks inside
@@ -42,7 +47,39 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--image-side", type=int, default=448)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--processes", type=int, default=1)
     args = ap.parse_args()
+    if args.processes > 1:
+        run_processes(args)
+    else:
+        measure(args)
+
+
+def run_processes(args) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(args.processes), ctx.Queue()
+    args.modes = ["serial"]
+    procs = [ctx.Process(target=measure, args=(args, (barrier, results))) for _ in range(args.processes)]
+    for p in procs:
+        p.start()
+    per_process = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    name = f"procs{args.processes}"
+    for rows in zip(*per_process):
+        row = {k: v for k, v in rows[0].items() if not k.startswith("serial")}
+        rounds = [round(sum(r["serial_rounds"][i] for r in rows), 1) for i in range(args.rounds)]
+        row[name] = round(statistics.median(rounds), 1)
+        row[name + "_rounds"] = rounds
+        row["per_process"] = [r["serial"] for r in rows]
+        print(json.dumps(row), flush=True)
+
+
+def measure(args, sync=None) -> None:
+    """Rows for each case and batch size; with sync (a barrier and a queue: one of several
+    processes) every round starts together and the rows go to the queue instead of stdout."""
 
     import mlx.core as mx
     import numpy as np
@@ -114,6 +151,8 @@ def main() -> None:
             samples = {m: [] for m in modes}
             for _ in range(args.rounds):
                 for mode in modes:
+                    if sync:
+                        sync[0].wait()
                     samples[mode].append(worker.call(run_round, mode, prepared, args.seconds))
             row = {"case": case, "batch": b, "tokens_per_item": max(p.cost for p in prepared),
                    "max_abs_diff_stream2": float(np.abs(other - ref).max())}
@@ -124,7 +163,12 @@ def main() -> None:
                 if mode != "serial" and "serial" in row:
                     row[mode + "_vs_serial"] = round(row[mode] / row["serial"], 3)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            if not sync:
+                print(json.dumps(row), flush=True)
+    if sync:
+        sync[1].put(rows)
+        sync[1].close()
+        sync[1].join_thread()
     # As tkr_embed/benchmark/raw.py: leave without tearing MLX down from the main thread.
     os._exit(0)
 
