@@ -57,3 +57,26 @@ def test_batch_token_budget_by_backend_unless_set():
     assert resolve_batch_tokens(0, on_cpu=True) == 4096  # CPU caches: smaller batches run faster
     assert resolve_batch_tokens(0, on_cpu=False) == 8192  # GPUs (measured against 16384)
     assert resolve_batch_tokens(3000, on_cpu=False) == 3000
+
+
+def test_budget_counts_the_bucketed_shape_the_device_runs():
+    """With shape buckets (CUDA) 29 images of 278 tokens fit an 8192 budget as 29 x 278 but run as
+    32 rows x 320 tokens: 10,240, three rows of repeated work. Counting the bucketed shape ends
+    the batch at 24 (24 x 320 = 7,680); 180-word texts (224 tokens) at 32 rather than 36 (-> 40 rows)."""
+    from tkr_embed.engine.shapes import ShapeBuckets
+
+    buckets = ShapeBuckets(max_items=64)
+
+    def device_tokens(items, longest):
+        rows, length = buckets.shape(items, longest, max_tokens=32768)
+        return rows * length
+
+    for cost, plain, bucketed in ((278, 29, 24), (224, 36, 32)):
+        costs, seqs = [cost] * 64, list(range(64))
+        assert len(plan_batch(costs, seqs, 8192, 64)) == plain
+        chosen = plan_batch(costs, seqs, 8192, 64, padded=device_tokens)
+        assert len(chosen) == bucketed and device_tokens(len(chosen), cost) <= 8192
+        assert device_tokens(len(chosen) + 1, cost) > 8192  # and no smaller than it has to be
+    # short texts are bounded by max_items either way; one item over the budget still runs alone
+    assert len(plan_batch([48] * 100, list(range(100)), 8192, 64, padded=device_tokens)) == 64
+    assert plan_batch([9000, 10], [0, 1], 8192, 64, padded=device_tokens) == [0]

@@ -91,3 +91,35 @@ def test_compiled_decoder_gives_the_eager_vectors_shape_after_shape(worker, tiny
     prepared = [eager.prepare(i) for i in mixed_multimodal_items()]
     for batch in (prepared, prepared[:3], prepared[::-1]):
         np.testing.assert_allclose(worker.call(forward, compiled, batch), worker.call(forward, eager, batch), atol=1e-5)
+
+
+async def test_batcher_budget_counts_bucketed_rows_on_real_forward_passes(worker, minilm):
+    """The batcher fed by ShardedForward's own padded_tokens: with a budget of 9 padded rows a
+    queue of 20 equal texts runs as 8 + 8 + 4 (9 would pad to 10 rows, over the budget), each row
+    of every batch gets its own vector, and padded_tokens counts the rows the device ran."""
+    import asyncio
+
+    from tkr_embed.engine.batcher import Batcher
+
+    forward = ShardedForward(1, ShapeBuckets(64))
+    prepared = [minilm.prepare(EmbedItem(text=f"same length text number {chr(97 + i)}")) for i in range(20)]
+    cost = prepared[0].cost
+    assert all(p.cost == cost for p in prepared)
+    padded = forward.padded_tokens(minilm.max_tokens)
+    length = padded(1, cost)
+    assert padded(9, cost) == 10 * length  # 9 items pad to 10 rows
+
+    async def run(batch):
+        return await worker.submit(forward, minilm, list(batch))
+
+    batcher = Batcher(run, max_batch_tokens=9 * length, max_batch_items=64, max_queue_items=100,
+                      padded_tokens=padded)
+    batcher.start()
+    try:
+        vectors = await asyncio.gather(*batcher.submit(prepared))
+    finally:
+        await batcher.stop()
+    assert list(batcher.recent_batch_sizes) == [8, 8, 4]
+    assert batcher.padded_tokens == 20 * length and batcher.real_tokens == 20 * cost
+    alone = forward_each_alone(worker, minilm, prepared)
+    np.testing.assert_allclose(np.stack(vectors), alone, atol=2e-5)

@@ -1,7 +1,10 @@
 """Token-budget batcher: packs queued items from concurrent requests into forward passes.
 
 A batch is bounded by `max_batch_items` and by `max_batch_tokens` counted as padded length x
-items (image tokens included, since they are part of the sequence). The oldest waiting item is
+items (image tokens included, since they are part of the sequence), in the shape the device
+will run: where batches are padded to bucketed shapes (CUDA, engine/shapes.py) the budget counts
+the bucket, so the batch ends where its bucket fits rather than spilling into a larger one of
+repeated rows (29 images of 278 tokens fit 8192 but ran as 32 x 320 = 10,240). The oldest waiting item is
 always in the next batch (nothing starves); the rest are its neighbours in length order, chosen
 to add the least padding, and never so many that real / padded tokens fall below
 `min_padding_efficiency`: queries and long passages waiting together run as two batches rather
@@ -26,6 +29,12 @@ from ..models.base import Prepared
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Prepared]], Awaitable[np.ndarray]]
+# (items, longest item's cost) -> the tokens the device computes for that batch, padding included.
+PaddedTokens = Callable[[int, int], int]
+
+
+def unpadded_shape(items: int, longest: int) -> int:
+    return items * longest
 
 # engine.max_batch_tokens 0 (auto), by backend, as measured with alternating fresh servers
 # (bench/ab_env.sh, docs/benchmarks.md). MLX's CPU backend: a batch's activations fall out of the
@@ -59,12 +68,13 @@ class _Entry:
 
 
 def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_items: int,
-               min_efficiency: float = 0.0) -> list[int]:
+               min_efficiency: float = 0.0, padded: PaddedTokens = unpadded_shape) -> list[int]:
     """Choose indices (into costs) for the next batch.
 
     Starts from the oldest entry (lowest seq) and grows a window over the entries sorted by cost,
-    each step taking the neighbour that adds the least padding, while padded_len x items fits and
-    real tokens stay at least min_efficiency of the padded ones.
+    each step taking the neighbour that adds the least padding, while the batch's padded tokens
+    (`padded`: the shape the device runs) fit max_tokens and real tokens stay at least
+    min_efficiency of items x longest (the mixing of lengths; bucket padding is bounded anyway).
     """
     order = sorted(range(len(costs)), key=lambda i: (costs[i], seqs[i]))
     oldest = min(range(len(order)), key=lambda k: seqs[order[k]])
@@ -73,17 +83,18 @@ def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_i
     while hi - lo + 1 < max_items:
         n = hi - lo + 1
         cur_max = costs[order[hi]]
-        options = []  # (padding added, padded size after, real tokens after, side)
+        options = []  # (padding added, padded size after, real tokens after, longest after, side)
         if lo > 0:  # a shorter item: pads up to cur_max
             shorter = costs[order[lo - 1]]
-            options.append((cur_max - shorter, (n + 1) * cur_max, real + shorter, "lo"))
+            options.append((cur_max - shorter, (n + 1) * cur_max, real + shorter, cur_max, "lo"))
         if hi + 1 < len(order):  # a longer item: everyone pads up to it
             new_max = costs[order[hi + 1]]
-            options.append(((new_max - cur_max) * n, (n + 1) * new_max, real + new_max, "hi"))
-        options = [o for o in options if o[1] <= max_tokens and o[2] >= min_efficiency * o[1]]
+            options.append(((new_max - cur_max) * n, (n + 1) * new_max, real + new_max, new_max, "hi"))
+        options = [o for o in options
+                   if padded(n + 1, o[3]) <= max_tokens and o[2] >= min_efficiency * o[1]]
         if not options:
             break
-        _, _, real, side = min(options)
+        _, _, real, _, side = min(options)
         if side == "lo":
             lo -= 1
         else:
@@ -94,8 +105,10 @@ def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_i
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch_tokens: int, max_batch_items: int,
                  max_queue_items: int, retry_after_seconds: int = 1,
-                 on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0):
+                 on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0,
+                 padded_tokens: PaddedTokens = unpadded_shape):
         self._run_batch = run_batch
+        self._padded = padded_tokens
         self._on_batch = on_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
@@ -157,7 +170,8 @@ class Batcher:
             self._pending = []
             return []
         chosen = plan_batch([e.prepared.cost for e in live], [e.seq for e in live],
-                            self.max_batch_tokens, self.max_batch_items, self.min_padding_efficiency)
+                            self.max_batch_tokens, self.max_batch_items, self.min_padding_efficiency,
+                            self._padded)
         picked = set(chosen)
         self._pending = [e for i, e in enumerate(live) if i not in picked]
         return [live[i] for i in chosen]
@@ -193,7 +207,7 @@ class Batcher:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         self.real_tokens += sum(p.cost for p in prepared)
-        self.padded_tokens += max(p.cost for p in prepared) * len(prepared)
+        self.padded_tokens += self._padded(len(prepared), max(p.cost for p in prepared))
         for e, vec in zip(batch, vectors):
             if not e.future.done():
                 e.future.set_result(vec)

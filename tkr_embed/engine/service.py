@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import resource
 import sys
 import time
@@ -22,7 +23,7 @@ import numpy as np
 from ..config import ModelSettings, Settings
 from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
-from .batcher import Batcher, resolve_batch_tokens
+from .batcher import Batcher, resolve_batch_tokens, unpadded_shape
 from .cache import EmbeddingCache, item_key
 from .shapes import buckets_up_to
 from .shards import ShardedForward, available_cores, make_sharded_forward
@@ -135,9 +136,12 @@ class EmbeddingService:
                  emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
         e = self.settings.engine
         max_tokens = resolve_batch_tokens(e.max_batch_tokens, self.sharded.on_cpu)
+        padded = self.sharded.padded_tokens(emb.max_tokens)
+        if os.environ.get("TKR_EMBED_AB_BUDGET_COUNTS_BUCKETS") == "0":  # temporary: the A/B's old rule
+            padded = unpadded_shape
         self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
-                               min_padding_efficiency=e.min_padding_efficiency)
+                               min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded)
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request
         # (one item per shard, so every CPU stream has run once).

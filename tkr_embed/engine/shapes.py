@@ -63,10 +63,12 @@ class ShapeBuckets:
         self.max_items = max_items
         self.length_steps = length_steps
 
+    def shape(self, items: int, longest: int, max_tokens: int) -> tuple[int, int]:
+        """(rows, padded length) a batch of `items` whose longest item costs `longest` runs as."""
+        rows = min(bucket(items), max(items, self.max_items))
+        return rows, min(bucket(longest, self.length_steps), max(longest, max_tokens))
+
     def pad(self, batch: Sequence[Prepared], max_tokens: int) -> tuple[list[Prepared], int]:
         """(the batch with repeated last items, the padded length every row gets)."""
-        n = len(batch)
-        size = min(bucket(n), max(n, self.max_items))
-        longest = max(p.cost for p in batch)
-        length = min(bucket(longest, self.length_steps), max(longest, max_tokens))
-        return list(batch) + [batch[-1]] * (size - n), length
+        rows, length = self.shape(len(batch), max(p.cost for p in batch), max_tokens)
+        return list(batch) + [batch[-1]] * (rows - len(batch)), length

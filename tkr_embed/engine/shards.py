@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..models.base import Embedder, Prepared
+from .batcher import PaddedTokens, unpadded_shape
 from .shapes import ShapeBuckets, resolve_compile, resolve_shape_buckets
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,20 @@ class ShardedForward:
         engine.compile says so and the model supports it (Qwen2-VL)."""
         if self.compile and hasattr(embedder, "use_compiled_decoder"):
             embedder.use_compiled_decoder()
+
+    def padded_tokens(self, max_tokens: int) -> PaddedTokens:
+        """(items, longest cost) -> tokens the device computes for such a batch: the batcher's
+        budget counts this. Bucketed: the padded shape; CPU streams: items x longest (an upper
+        bound: each stream pads only to its own longest)."""
+        if self.buckets is None:
+            return unpadded_shape
+        buckets = self.buckets
+
+        def padded(items: int, longest: int) -> int:
+            rows, length = buckets.shape(items, longest, max_tokens)
+            return rows * length
+
+        return padded
 
     def __call__(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
         import mlx.core as mx
