@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import resource
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 from ..config import ModelSettings, Settings
 from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
-from .batcher import Batcher, resolve_batch_tokens, unpadded_shape
+from .batcher import Batcher, resolve_batch_tokens
 from .cache import EmbeddingCache, item_key
 from .shapes import buckets_up_to
 from .shards import ShardedForward, available_cores, make_sharded_forward
@@ -136,9 +135,9 @@ class EmbeddingService:
                  emb.dimension, self.loaded.quantization, self.loaded.load_seconds)
         e = self.settings.engine
         max_tokens = resolve_batch_tokens(e.max_batch_tokens, self.sharded.on_cpu)
+        # The budget counts the shape the device runs (bucketed rows and length on CUDA): measured
+        # on an H100, images 10% and long texts 5% faster than counting items x longest.
         padded = self.sharded.padded_tokens(emb.max_tokens)
-        if os.environ.get("TKR_EMBED_AB_BUDGET_COUNTS_BUCKETS") == "0":  # temporary: the A/B's old rule
-            padded = unpadded_shape
         self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded)
