@@ -4,8 +4,8 @@ A batch is bounded by `max_batch_items` and by `max_batch_tokens` counted as pad
 items (image tokens included, since they are part of the sequence), in the shape the device
 will run: where batches are padded to bucketed shapes (CUDA, engine/shapes.py) the budget counts
 the bucket, so the batch ends where its bucket fits rather than spilling into a larger one of
-repeated rows (29 images of 278 tokens fit 8192 but ran as 32 x 320 = 10,240). The oldest waiting item is
-always in the next batch (nothing starves); the rest are its neighbours in length order, chosen
+repeated rows (29 images of 278 tokens fit 8192 but ran as 32 x 320 = 10,240). The oldest
+waiting item is always in the next batch (nothing starves); the rest are its neighbours in length order, chosen
 to add the least padding, and never so many that real / padded tokens fall below
 `min_padding_efficiency`: queries and long passages waiting together run as two batches rather
 than one where every query pads to a passage's length. While the worker runs one batch, new
