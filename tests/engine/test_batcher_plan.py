@@ -63,13 +63,11 @@ def test_budget_counts_the_bucketed_shape_the_device_runs():
     """With shape buckets (CUDA) 29 images of 278 tokens fit an 8192 budget as 29 x 278 but run as
     32 rows x 320 tokens: 10,240, three rows of repeated work. Counting the bucketed shape ends
     the batch at 24 (24 x 320 = 7,680); 180-word texts (224 tokens) at 32 rather than 36 (-> 40 rows)."""
+    import functools
+
     from tkr_embed.engine.shapes import ShapeBuckets
 
-    buckets = ShapeBuckets(max_items=64)
-
-    def device_tokens(items, longest):
-        rows, length = buckets.shape(items, longest, max_tokens=32768)
-        return rows * length
+    device_tokens = functools.partial(ShapeBuckets(max_items=64).padded_tokens, max_tokens=32768)
 
     for cost, plain, bucketed in ((278, 29, 24), (224, 36, 32)):
         costs, seqs = [cost] * 64, list(range(64))

@@ -5,10 +5,10 @@ items (image tokens included, since they are part of the sequence), in the shape
 will run: where batches are padded to bucketed shapes (CUDA, engine/shapes.py) the budget counts
 the bucket, so the batch ends where its bucket fits rather than spilling into a larger one of
 repeated rows (29 images of 278 tokens fit 8192 but ran as 32 x 320 = 10,240). The oldest
-waiting item is always in the next batch (nothing starves); the rest are its neighbours in length order, chosen
-to add the least padding, and never so many that real / padded tokens fall below
-`min_padding_efficiency`: queries and long passages waiting together run as two batches rather
-than one where every query pads to a passage's length. While the worker runs one batch, new
+waiting item is always in the next batch (nothing starves); the rest are its neighbours in
+length order, chosen to add the least padding, and never so many that real / padded tokens fall
+below `min_padding_efficiency`: queries and long passages waiting together run as two batches
+rather than one where every query pads to a passage's length. While the worker runs one batch, new
 arrivals queue up and form the next one, so batches grow with load without any fixed wait.
 """
 
@@ -83,18 +83,18 @@ def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_i
     while hi - lo + 1 < max_items:
         n = hi - lo + 1
         cur_max = costs[order[hi]]
-        options = []  # (padding added, padded size after, real tokens after, longest after, side)
+        options = []  # (padding added, longest after, real tokens after, side)
         if lo > 0:  # a shorter item: pads up to cur_max
             shorter = costs[order[lo - 1]]
-            options.append((cur_max - shorter, (n + 1) * cur_max, real + shorter, cur_max, "lo"))
+            options.append((cur_max - shorter, cur_max, real + shorter, "lo"))
         if hi + 1 < len(order):  # a longer item: everyone pads up to it
             new_max = costs[order[hi + 1]]
-            options.append(((new_max - cur_max) * n, (n + 1) * new_max, real + new_max, new_max, "hi"))
+            options.append(((new_max - cur_max) * n, new_max, real + new_max, "hi"))
         options = [o for o in options
-                   if padded(n + 1, o[3]) <= max_tokens and o[2] >= min_efficiency * o[1]]
+                   if padded(n + 1, o[1]) <= max_tokens and o[2] >= min_efficiency * (n + 1) * o[1]]
         if not options:
             break
-        _, _, real, _, side = min(options)
+        _, _, real, side = min(options)
         if side == "lo":
             lo -= 1
         else:

@@ -96,7 +96,7 @@ def hello_meta(service) -> dict:
         "path": str(lm.resolved.path), "model_id": lm.resolved.model_id, "revision": lm.resolved.revision,
         "family": lm.family, "quantization": lm.quantization, "load_seconds": lm.load_seconds,
         "dimension": emb.dimension, "max_tokens": emb.max_tokens, "memory_bytes": service.memory_bytes,
-        **service.engine_layout(),
+        "layout": service.engine_layout(),
     }
 
 

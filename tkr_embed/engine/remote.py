@@ -148,7 +148,7 @@ class FrontendService(EmbeddingService):
 
     def engine_layout(self) -> dict:
         """The engine process's (it runs the model; this process only prepares inputs)."""
-        return {k: self.link.meta[k] for k in ("describe", "cpu_shards", "shape_buckets", "compiled")}
+        return self.link.meta["layout"]
 
     def info(self) -> dict:
         info = super().info()  # memory.mlx and worker: the engine's, from its snapshot

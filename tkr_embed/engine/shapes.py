@@ -68,6 +68,11 @@ class ShapeBuckets:
         rows = min(bucket(items), max(items, self.max_items))
         return rows, min(bucket(longest, self.length_steps), max(longest, max_tokens))
 
+    def padded_tokens(self, items: int, longest: int, max_tokens: int) -> int:
+        """Tokens the device computes for such a batch, padding included (the batcher's budget)."""
+        rows, length = self.shape(items, longest, max_tokens)
+        return rows * length
+
     def pad(self, batch: Sequence[Prepared], max_tokens: int) -> tuple[list[Prepared], int]:
         """(the batch with repeated last items, the padded length every row gets)."""
         rows, length = self.shape(len(batch), max(p.cost for p in batch), max_tokens)

@@ -15,6 +15,7 @@ batch is padded to a bucketed shape instead (engine/shapes.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ import numpy as np
 
 from ..models.base import Embedder, Prepared
 from .batcher import PaddedTokens, unpadded_shape
-from .shapes import ShapeBuckets, resolve_compile, resolve_shape_buckets
+from .shapes import STEPS_PER_OCTAVE, ShapeBuckets, resolve_compile, resolve_shape_buckets
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,7 @@ class ShardedForward:
         bound: each stream pads only to its own longest)."""
         if self.buckets is None:
             return unpadded_shape
-        buckets = self.buckets
-
-        def padded(items: int, longest: int) -> int:
-            rows, length = buckets.shape(items, longest, max_tokens)
-            return rows * length
-
-        return padded
+        return functools.partial(self.buckets.padded_tokens, max_tokens=max_tokens)
 
     def __call__(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
         import mlx.core as mx
@@ -136,7 +131,7 @@ class ShardedForward:
 
 
 def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64,
-                         compile: str = "off", length_steps: int = 4) -> ShardedForward:
+                         compile: str = "off", length_steps: int = STEPS_PER_OCTAVE) -> ShardedForward:
     """Worker thread only (CPU streams exist only on the thread that made them).
     setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off);
     length_steps: engine.length_buckets."""
