@@ -331,7 +331,7 @@ class EmbeddingService:
                 "busy_seconds": round(self.worker.busy_seconds, 3),
                 "jobs_run": self.worker.jobs_run,
                 "device": self.settings.model.device,  # the worker's, shared by every model
-                **{k: layout[k] for k in ("cpu_shards", "shape_buckets", "compiled")},
+                **{k: v for k, v in layout.items() if k != "describe"},  # describe went into "model"
             },
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
