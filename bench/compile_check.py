@@ -3,7 +3,7 @@
     python bench/compile_check.py --model DIR --case short --batch 64 --seconds 3 [--device gpu]
 
 Times the embedder's forward (graph building + evaluation) at one batch size, eager and with the
-language model's decoder compiled (Qwen2VLEmbedder.use_compiled_decoder, engine.compile), alternating, and reports the medians, the time
+language model's decoder compiled (Qwen2VLEmbedder.use_compiled_graphs, engine.compile), alternating, and reports the medians, the time
 spent building the graph, the first compiled call and the largest difference in the vectors.
 """
 
@@ -48,7 +48,7 @@ def main() -> None:
 
     emb = worker.call(setup)
     prepared = [emb.prepare(EmbedItem(text=t)) for t, _ in case_inputs(args.case, args.batch)]
-    worker.call(emb.use_compiled_decoder)  # the embedder's own switch (engine.compile)
+    worker.call(emb.use_compiled_graphs)  # the embedder's own switch (engine.compile)
     decoders = {"eager": emb._decoder, "compiled": emb._decode}
 
     def run(mode: str):

@@ -15,8 +15,8 @@ items/s as `procsP`: what engine replicas sharing one GPU could do, where one pr
 mx.async_eval blocks (no MPS: the device time-slices between processes, so this measures whether
 one process's host-side work hides behind another's kernels).
 Reports items/s over each round (throughput, not a per-batch median: overlapped batches have no
-batch time of their own) and the median over rounds. MLX_MAX_OPS_PER_BUFFER in the environment
-is recorded with each row. What the server made of it (nothing: the worker blocks inside
+batch time of their own) and the median over rounds. The MLX_* settings in the environment
+(MLX_MAX_OPS_PER_BUFFER, MLX_CUDA_GRAPH_CACHE_SIZE, MLX_USE_CUDA_GRAPHS ...) are recorded with each row. What the server made of it (nothing: the worker blocks inside
 mx.async_eval): docs/benchmarks.md, "Two batches in flight, again".
 """
 
@@ -97,8 +97,8 @@ def measure(args, sync=None) -> None:
         emb = load_embedder(resolve_model_dir(args.model), "none").embedder
         if args.dtype:
             emb.model.set_dtype(getattr(mx, args.dtype))
-        if hasattr(emb, "use_compiled_decoder"):
-            emb.use_compiled_decoder()
+        if hasattr(emb, "use_compiled_graphs"):
+            emb.use_compiled_graphs()
         return emb, [mx.default_stream(mx.default_device()), mx.new_stream(mx.default_device())]
 
     emb, streams = worker.call(setup)
@@ -118,25 +118,31 @@ def measure(args, sync=None) -> None:
         mx.async_eval(out)
         return out
 
-    def run_round(mode: str, prepared, seconds: float) -> float:
-        """Items/s over `seconds` of back-to-back batches in this mode."""
+    def run_round(mode: str, prepared, seconds: float) -> tuple[float, float]:
+        """Items/s over `seconds` of back-to-back batches in this mode, and the share of that time
+        the thread spent launching (building the graph and inside mx.async_eval): near 1 means
+        the launch, not the device, sets the pace."""
         depth = 1 if mode == "serial" else 2
         use = streams[:2] if mode == "pipe2" else streams[:1]
         in_flight: list = []
         done = 0
         n = 0
+        launching = 0.0
         t0 = time.perf_counter()
         while True:
             elapsed = time.perf_counter() - t0
             if elapsed < seconds:
+                s = time.perf_counter()
                 in_flight.append(launch(prepared, use[n % len(use)]))
+                launching += time.perf_counter() - s
                 n += 1
             if not in_flight:
                 break
             if len(in_flight) >= depth or elapsed >= seconds:
                 np.array(in_flight.pop(0), copy=True)  # waits for that batch, as the engine does
                 done += len(prepared)
-        return done / (time.perf_counter() - t0)
+        total = time.perf_counter() - t0
+        return done / total, launching / total
 
     rows = []
     for case in args.case:
@@ -149,17 +155,21 @@ def measure(args, sync=None) -> None:
             # The second stream's vectors must equal the first's (same model, same inputs).
             other = worker.call(lambda: np.array(launch(prepared, streams[1])))
             samples = {m: [] for m in modes}
+            shares = {m: [] for m in modes}
             for _ in range(args.rounds):
                 for mode in modes:
                     if sync:
                         sync[0].wait()
-                    samples[mode].append(worker.call(run_round, mode, prepared, args.seconds))
+                    rate, launch_share = worker.call(run_round, mode, prepared, args.seconds)
+                    samples[mode].append(rate)
+                    shares[mode].append(launch_share)
             row = {"case": case, "batch": b, "tokens_per_item": max(p.cost for p in prepared),
                    "max_abs_diff_stream2": float(np.abs(other - ref).max())}
-            row["max_ops_per_buffer"] = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default")
+            row["mlx_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")}
             for mode in modes:
                 row[mode] = round(statistics.median(samples[mode]), 1)
                 row[mode + "_rounds"] = [round(x, 1) for x in samples[mode]]
+                row[mode + "_launch_share"] = round(statistics.median(shares[mode]), 3)
                 if mode != "serial" and "serial" in row:
                     row[mode + "_vs_serial"] = round(row[mode] / row["serial"], 3)
             rows.append(row)

@@ -89,8 +89,13 @@ def test_compiled_decoder_gives_the_eager_vectors_shape_after_shape(worker, tiny
     worker.call(forward.adopt, compiled)  # as the service does with each model it loads
     assert compiled.compiled and not eager.compiled
     prepared = [eager.prepare(i) for i in mixed_multimodal_items()]
-    for batch in (prepared, prepared[:3], prepared[::-1]):
+    # Same-size images: the vision tower's blocks run compiled too, traced for the first batch
+    # and replayed for the second (its pixels are inputs, not constants of the trace).
+    same_size = [[eager.prepare(EmbedItem(text=f"picture {s}", images=(decoded_png(s),))) for s in seeds]
+                 for seeds in ((11, 12, 13, 14), (15, 16, 17, 18))]
+    for batch in (prepared, prepared[:3], prepared[::-1], *same_size):
         np.testing.assert_allclose(worker.call(forward, compiled, batch), worker.call(forward, eager, batch), atol=1e-5)
+    assert list(compiled.model.vision_tower._compiled_runners) == [(4, 24)]  # 4 frames of 24 patches
 
 
 async def test_batcher_budget_counts_bucketed_rows_on_real_forward_passes(worker, minilm):

@@ -97,10 +97,10 @@ class ShardedForward:
             set_blas_threads(1)
 
     def adopt(self, embedder: Embedder) -> None:
-        """Set a freshly loaded embedder up for these forward passes: its decoder compiled where
-        engine.compile says so and the model supports it (Qwen2-VL)."""
-        if self.compile and hasattr(embedder, "use_compiled_decoder"):
-            embedder.use_compiled_decoder()
+        """Set a freshly loaded embedder up for these forward passes: its decoder and vision
+        blocks compiled where engine.compile says so and the model supports it (Qwen2-VL)."""
+        if self.compile and hasattr(embedder, "use_compiled_graphs"):
+            embedder.use_compiled_graphs()
 
     def padded_tokens(self, max_tokens: int) -> PaddedTokens:
         """(items, longest cost) -> tokens the device computes for such a batch: the batcher's

@@ -77,7 +77,7 @@ class Qwen2VLEmbedder(EvaluatingForward):
         self.vision_start_id = int(config.get("vision_start_token_id", 151652))
         self.vision_end_id = int(config.get("vision_end_token_id", 151653))
         self.pad_id = self.tokenizer.token_to_id("<|endoftext|>") or 151643
-        self._decode = self._decoder  # mx.compile'd by use_compiled_decoder
+        self._decode = self._decoder  # mx.compile'd by use_compiled_graphs
         self.compiled = False
 
         pre_path = model_dir / "preprocessor_config.json"
@@ -227,15 +227,20 @@ class Qwen2VLEmbedder(EvaluatingForward):
         hidden = self.model.language_model.model(None, inputs_embeds=embeds, position_ids=positions)
         return hidden[mx.arange(embeds.shape[0]), last].astype(mx.float32)
 
-    def use_compiled_decoder(self) -> None:
-        """Run the decoder through mx.compile: traced once per input shape, then replayed with its
-        element-wise ops fused (RMSNorm, rotary, SwiGLU). On an H100 (bench/compile_check.py) a
-        Qwen2-VL-2B-sized forward ran 1.06-1.11x faster and built its graph in 1.9-2.6 instead of
-        2.7-3.8 ms; each new shape costs a trace (~0.5 s), so the engine turns this on where batch
-        shapes are bucketed (engine.compile). Worker thread only (the first call traces)."""
+    def use_compiled_graphs(self) -> None:
+        """Run the decoder and the vision tower's blocks through mx.compile: traced once per input
+        shape, then replayed with their element-wise ops fused (RMSNorm, rotary, SwiGLU; in the
+        tower rotary, residuals, the MLP's activation). On an H100 a Qwen2-VL-2B-sized forward
+        ran 1.06-1.11x faster on texts (bench/compile_check.py; its graph built in 1.9-2.6
+        instead of 2.7-3.8 ms) and 1.19x on images (qwen2_vl_vision.py). Each new shape costs a
+        trace (~0.5 s), so the engine turns this on where batch shapes are bucketed
+        (engine.compile). Worker thread only (the first call traces)."""
         import mlx.core as mx
 
+        from .qwen2_vl_vision import use_compiled_blocks
+
         self._decode = mx.compile(self._decoder)
+        use_compiled_blocks(self.model)
         self.compiled = True
 
     def describe(self) -> dict[str, Any]:
