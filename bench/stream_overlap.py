@@ -15,9 +15,12 @@ items/s as `procsP`: what engine replicas sharing one GPU could do, where one pr
 mx.async_eval blocks (no MPS: the device time-slices between processes, so this measures whether
 one process's host-side work hides behind another's kernels).
 Reports items/s over each round (throughput, not a per-batch median: overlapped batches have no
-batch time of their own) and the median over rounds. The MLX_* settings in the environment
-(MLX_MAX_OPS_PER_BUFFER, MLX_CUDA_GRAPH_CACHE_SIZE, MLX_USE_CUDA_GRAPHS ...) are recorded with each row. What the server made of it (nothing: the worker blocks inside
-mx.async_eval): docs/benchmarks.md, "Two batches in flight, again".
+batch time of their own), the median over rounds, and the share of each round the thread spent
+launching (graph building and mx.async_eval). The MLX_* settings in the environment
+(MLX_MAX_OPS_PER_BUFFER, MLX_CUDA_GRAPH_CACHE_SIZE, MLX_USE_CUDA_GRAPHS ...) are recorded with
+each row. What the server made of it (nothing: the one MLX thread is busy launching for ~85% of
+each batch, MLX's host cost per kernel): docs/benchmarks.md, "Two batches in flight, again" and
+"The host launches every kernel".
 """
 
 from __future__ import annotations
