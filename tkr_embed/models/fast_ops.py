@@ -50,15 +50,16 @@ class PolyGELU(nn.Module):
 
 # exp(x) = q(x)^64, q the degree-6 Taylor polynomial of e^(x/64) (the 1/64^k folded into its
 # coefficients). Estrin's scheme keeps the graph shallow: mx.compile fuses element-wise ops only up
-# to a fixed depth (11 in MLX 0.32.4, and a shapeless trace adds a broadcast per binary op), and a
-# Horner polynomial with eight squarings fell apart into five kernels, each a pass over the
-# [batch, heads, L, L] scores in memory; this form runs as two.
+# to a fixed depth (max_compile_depth, 11 in MLX's source; a shapeless trace adds a broadcast per
+# binary op), and a Horner polynomial with eight squarings fell apart into five kernels, each a
+# pass over the [batch, heads, L, L] scores in memory; this form runs as two.
 _EXP_COEFFS = tuple(1.0 / (64.0 ** k * math.factorial(k)) for k in range(7))
 
 
 def _softmax_numerator(scores: mx.array, row_max: mx.array) -> mx.array:
     """exp(scores - row_max), for scores <= row_max. Absolute error <= 4e-6, relative <= 1e-5
-    where exp >= 1e-6; the additive padding mask (the dtype's minimum) gives 0, not inf or NaN."""
+    where exp >= 1e-6; the additive padding mask (the dtype's minimum) gives ~0 (2.4e-38), not inf
+    or NaN."""
     # Below -87 float32's exp is denormal or 0; clamping also keeps the mask's -3e38 finite.
     x = mx.maximum(scores - row_max, -87.0)
     c0, c1, c2, c3, c4, c5, c6 = _EXP_COEFFS

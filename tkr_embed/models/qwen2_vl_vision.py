@@ -12,7 +12,7 @@ per forward and shared by every layer; and when every frame in the batch has the
 patches (a batch of same-size images: what a server sees most) attention is one batched call
 over [frames, heads, patches, head_dim]. Mixed sizes keep one call per frame.
 
-With `use_compiled_blocks` (engine.compile, on where batch shapes are bucketed) the 32 blocks of
+With `use_compiled_blocks` (engine.compile, on where batch shapes are bucketed) the blocks of
 a batch of same-size frames run through mx.compile, traced once per (frames, patches per frame):
 rotary, residual adds and the MLP's activation fuse into fewer kernels. On MLX's CUDA backend the
 forward is bound by the host's cost per kernel launched (the worker thread was busy launching for
