@@ -12,7 +12,6 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tkr_embed.api.app import create_app

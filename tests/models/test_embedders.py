@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tkr_embed.engine.media import decode_image
 from tkr_embed.models.base import EmbedItem, UnsupportedInput

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from tkr_embed.models.quantize import resolve_quantization

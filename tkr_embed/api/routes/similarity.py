@@ -14,7 +14,7 @@ from ..deps import (check_item_count, check_text, count_items, decode_images, re
 from ..errors import APIError
 from ..responses import FastJSONResponse, FastJSONRoute
 from ..security import check_permissions, require
-from ..schemas import MultimodalInput, SimilarityInput, SimilarityRequest, SimilarityResponse
+from ..schemas import SimilarityInput, SimilarityRequest, SimilarityResponse
 
 router = APIRouter(tags=["similarity"], route_class=FastJSONRoute)
 
