@@ -11,9 +11,9 @@ one runs. Modes, alternated in rounds on one loaded model (its decoder compiled,
   pipe2     the same on two GPU streams, alternating: kernels of both batches may run at once
 With --processes P (P > 1) the serial mode instead runs in P processes at once, each with its own
 copy of the model, started together for each round (a barrier), and the row reports their summed
-items/s as `procsP`: what engine replicas sharing one GPU could do, where one process's
-mx.async_eval blocks (no MPS: the device time-slices between processes, so this measures whether
-one process's host-side work hides behind another's kernels).
+items/s as `procsP`: what engine replicas sharing one GPU could do, where one process's MLX
+thread is busy launching most of each batch (no MPS: the device time-slices between processes, so
+this measures whether one process's host-side work hides behind another's kernels).
 Reports items/s over each round (throughput, not a per-batch median: overlapped batches have no
 batch time of their own), the median over rounds, and the share of each round the thread spent
 launching (graph building and mx.async_eval). The MLX_* settings in the environment

@@ -25,16 +25,11 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 
 from ..models.base import Prepared
+from .shapes import PaddedTokens, unpadded_shape
 
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Prepared]], Awaitable[np.ndarray]]
-# (items, longest item's cost) -> the tokens the device computes for that batch, padding included.
-PaddedTokens = Callable[[int, int], int]
-
-
-def unpadded_shape(items: int, longest: int) -> int:
-    return items * longest
 
 # engine.max_batch_tokens 0 (auto), by backend, as measured with alternating fresh servers
 # (bench/ab_env.sh, docs/benchmarks.md). MLX's CPU backend: a batch's activations fall out of the

@@ -22,11 +22,20 @@ CPU and Metal kernels are not built per shape: there padding would only cost com
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..models.base import Prepared
 
 STEPS_PER_OCTAVE = 4
+
+# (items, longest item's cost) -> the tokens the device computes for that batch, padding included:
+# the batcher's budget counts this (ShardedForward.padded_tokens picks it for the backend).
+PaddedTokens = Callable[[int, int], int]
+
+
+def unpadded_shape(items: int, longest: int) -> int:
+    """Without shape buckets a batch runs as items x its longest item."""
+    return items * longest
 
 
 def bucket(n: int, steps: int = STEPS_PER_OCTAVE) -> int:

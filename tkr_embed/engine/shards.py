@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from ..models.base import Embedder, Prepared
-from .batcher import PaddedTokens, unpadded_shape
-from .shapes import STEPS_PER_OCTAVE, ShapeBuckets, resolve_compile, resolve_shape_buckets
+from .shapes import (STEPS_PER_OCTAVE, PaddedTokens, ShapeBuckets, resolve_compile, resolve_shape_buckets,
+                     unpadded_shape)
 
 log = logging.getLogger(__name__)
 

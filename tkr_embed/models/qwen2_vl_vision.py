@@ -79,6 +79,11 @@ def _attention_class():
     return BatchedVisionAttention
 
 
+# Compiled block runners kept per tower (least recently used dropped first): shapes are
+# (frames, patches per frame), and bucketed batches of one image size need a handful.
+MAX_COMPILED_SHAPES = 32
+
+
 @cache
 def _tower_class():
     from mlx_vlm.models.qwen2_vl.vision import VisionModel
@@ -124,11 +129,6 @@ def _tower_class():
             return hidden
 
     return BatchedVisionModel
-
-
-# Compiled block runners kept per tower (least recently used dropped first): shapes are
-# (frames, patches per frame), and bucketed batches of one image size need a handful.
-MAX_COMPILED_SHAPES = 32
 
 
 def use_compiled_blocks(model) -> None:
