@@ -7,10 +7,11 @@ mx.compile:
   + a6 z^6)^16 for z >= 0, odd-symmetric.
 - attention's softmax exponential is exp(x) = (e^(x/64))^64 for x <= 0: a degree-6 Taylor
   polynomial in Estrin's form squared six times, fused with the subtraction of the row's maximum
-  (absolute error <= 4e-6). Its attention also divides after the value product ([.., L, 64])
-  instead of dividing the [.., L, L] weights. Attention on a 4 x 248-token MiniLM shard (12
-  heads, one core, median of 5 rounds in one run): stock 52.6 ms, eight squarings of a Horner
-  polynomial (five fused kernels) 43.9, this form (two kernels) 19.7.
+  (absolute error <= 4e-6). Its attention also divides after the value product ([.., L, 32])
+  instead of dividing the [.., L, L] weights, and takes the weights' row sums from that product.
+  Attention on a 4 x 248-token MiniLM shard (12 heads, one core, median of 5 rounds in one run):
+  stock 52.6 ms, eight squarings of a Horner polynomial (five fused kernels) 43.9, this form (two
+  kernels) 19.7.
 Used only on the CPU backend; Metal and CUDA keep nn.GELU and mx.fast.scaled_dot_product_attention.
 """
 
@@ -91,8 +92,12 @@ class PolyExpSelfAttention(BertSelfAttention):
         # rounding error by 64.
         scores = scores.astype(mx.float32)
         weights = softmax_numerator(scores, mx.max(scores, axis=-1, keepdims=True))
-        out = (weights.astype(v.dtype) @ v) / mx.sum(weights, axis=-1, keepdims=True).astype(v.dtype)
-        return out.transpose(0, 2, 1, 3).reshape(B, L, self.all_head_size)
+        # The rows' sums come out of the value product: v with a column of ones appended (the
+        # matmul would copy the head-split v anyway) saves a reduction pass over the weights.
+        ones = mx.ones((B, self.num_attention_heads, L, 1), dtype=v.dtype)
+        out = (weights.astype(v.dtype) @ mx.concatenate([v, ones], axis=-1)).transpose(0, 2, 1, 3)
+        # Dividing the [B, L, heads, head_dim] views writes the merged-heads layout directly.
+        return (out[..., : self.head_dim] / out[..., self.head_dim :]).reshape(B, L, self.all_head_size)
 
 
 def set_fast_cpu_ops(bert_model, on: bool = True) -> list[str]:
