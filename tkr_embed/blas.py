@@ -8,6 +8,7 @@ with LD_PRELOAD set. TKR_EMBED_BLAS=off disables this.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -59,22 +60,36 @@ def ensure_fast_blas(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "tkr_embed", *argv], env)
 
 
-def set_blas_threads(n: int) -> str | None:
-    """Set the thread count of the BLAS loaded in this process (OpenBLAS or MKL), if one exposes
-    it; returns the library's setter that was called, or None (reference BLAS, Accelerate)."""
+@functools.lru_cache(maxsize=1)
+def _thread_setter():
+    """(name, function) of the thread-count setter of the BLAS loaded in this process, or None."""
     import ctypes
 
     try:
         process = ctypes.CDLL(None)
     except OSError:
         return None
-    for setter in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
-        fn = getattr(process, setter, None)
+    for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+        fn = getattr(process, name, None)
         if fn is not None:
-            fn(ctypes.c_int(n))
-            log.info("BLAS threads set to %d (%s)", n, setter)
-            return setter
+            return name, fn
     return None
+
+
+def set_blas_threads(n: int, quiet: bool = False) -> str | None:
+    """Set the thread count of the BLAS loaded in this process (OpenBLAS or MKL), if one exposes
+    it; returns the library's setter that was called, or None (reference BLAS, Accelerate).
+    quiet: no log line (the engine switches per batch, engine/shards.py)."""
+    import ctypes
+
+    found = _thread_setter()
+    if found is None:
+        return None
+    name, fn = found
+    fn(ctypes.c_int(n))
+    if not quiet:
+        log.info("BLAS threads set to %d (%s)", n, name)
+    return name
 
 
 def describe() -> str:

@@ -64,6 +64,33 @@ def test_blas_threads_are_settable_when_openblas_is_preloaded():
     assert set_blas_threads(1) == "openblas_set_num_threads"
 
 
+@pytest.mark.skipif("openblas" not in os.environ.get("LD_PRELOAD", ""), reason="needs OpenBLAS preloaded")
+def test_a_lone_item_runs_with_every_blas_thread_and_leaves_one_per_shard(worker, minilm):
+    import ctypes
+
+    get_threads = ctypes.CDLL(None).openblas_get_num_threads
+    prepared = [minilm.prepare(EmbedItem(text="a lone request " * 40))]
+    sharded = worker.call(ShardedForward, 2)
+    seen = []
+    forward = minilm.forward
+
+    def watched(batch, *args):  # the real forward, noting the BLAS threads it ran with
+        seen.append(get_threads())
+        return forward(batch, *args)
+
+    def run():
+        minilm.forward = watched
+        try:
+            return sharded(minilm, prepared)
+        finally:
+            del minilm.forward
+
+    out = worker.call(run)
+    assert seen == [2]  # the matmuls of a lone item use both cores
+    assert get_threads() == 1  # and the shards' single-threaded BLAS is back for the next batch
+    np.testing.assert_allclose(out, forward_each_alone(worker, minilm, prepared), atol=2e-5)
+
+
 @pytest.mark.parametrize("shards", [2, 3])
 def test_sharded_minilm_matches_each_item_alone(worker, minilm, shards):
     rng = random.Random(shards)
