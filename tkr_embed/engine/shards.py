@@ -8,7 +8,8 @@ core busy on independent work. On 2 cores with MiniLM this and the polynomial op
 models/fast_ops.py took the raw forward from 77 to 211 texts/s on short texts and from 5.1 to
 12.5 on 252-token ones (docs/benchmarks.md, "The CPU fast path, part by part").
 
-Items are sorted by length before splitting, so each shard pads only to its own longest item.
+Items are sorted by length before splitting, so each shard pads only to its own longest item. A
+batch that does not split (one item) runs whole, its matmuls on a BLAS thread per core meanwhile.
 GPU backends keep one shard: the device already runs the whole batch in parallel; on CUDA the
 batch is padded to a bucketed shape instead (engine/shapes.py).
 """
@@ -131,11 +132,10 @@ class ShardedForward:
             result[run] = np.array(out, copy=False)
         return result
 
-
     def _whole(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
         """The batch unsplit, on the default stream, with a BLAS thread per shard for the
         duration: a lone request would otherwise leave all cores but one idle (a 252-token text
-        alone: 103 -> 81 ms on 2 cores, docs/benchmarks.md)."""
+        alone: 107 -> 81 ms on 2 cores, docs/benchmarks.md)."""
         from ..blas import set_blas_threads
 
         set_blas_threads(self.shards, quiet=True)
