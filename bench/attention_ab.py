@@ -49,21 +49,15 @@ def main() -> None:
 
     import numpy as np
 
-    from tkr_embed.benchmark.raw import case_inputs, time_batches
-    from tkr_embed.blas import set_blas_threads
+    from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches
     from tkr_embed.engine.shards import ShardedForward, available_cores
-    from tkr_embed.engine.worker import MLXWorker
     from tkr_embed.models import fast_ops
     from tkr_embed.models.base import EmbedItem
-    from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
     before = load_module_at(args.before, "tkr_embed/models/fast_ops.py", "fast_ops_before")
     classes = {"before": before.PolyExpSelfAttention, "now": fast_ops.PolyExpSelfAttention}
-    worker = MLXWorker("cpu")
-    worker.start()
-    emb = worker.call(load_embedder, resolve_model_dir(args.model), "none").embedder
-    forward = worker.call(ShardedForward, available_cores())
-    set_blas_threads(1)
+    worker, emb = load_on_worker(args.model)
+    forward = worker.call(ShardedForward, available_cores())  # sets the streams' 1-thread BLAS
 
     def use(version: str) -> None:
         for layer in emb.model.encoder.layer:

@@ -16,14 +16,12 @@ import argparse
 import json
 import os
 
-from tkr_embed.benchmark.raw import case_inputs, time_batches
+from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches
 from tkr_embed.blas import describe as blas
 from tkr_embed.blas import set_blas_threads
 from tkr_embed.engine.shards import ShardedForward, available_cores
-from tkr_embed.engine.worker import MLXWorker
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.fast_ops import set_fast_cpu_ops
-from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
 CONFIGS = {"stock": (False, 1), "fast-ops": (True, 1), "shards": (False, 0), "fast+shards": (True, 0)}
 
@@ -36,9 +34,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4)
     args = ap.parse_args()
     cores = available_cores()
-    worker = MLXWorker("cpu")
-    worker.start()
-    emb = worker.call(load_embedder, resolve_model_dir(args.model), "none").embedder
+    worker, emb = load_on_worker(args.model)
     one, split = worker.call(ShardedForward, 1), worker.call(ShardedForward, cores)
 
     def run(config: str, prepared):

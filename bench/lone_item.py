@@ -16,12 +16,10 @@ import json
 import statistics
 import time
 
-from tkr_embed.benchmark.raw import case_inputs
+from tkr_embed.benchmark.raw import case_inputs, load_on_worker
 from tkr_embed.blas import set_blas_threads
 from tkr_embed.engine.shards import available_cores
-from tkr_embed.engine.worker import MLXWorker
 from tkr_embed.models.base import EmbedItem
-from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
 
 def main() -> None:
@@ -31,9 +29,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
     cores = available_cores()
-    worker = MLXWorker("cpu")
-    worker.start()
-    emb = worker.call(load_embedder, resolve_model_dir(args.model), "none").embedder
+    worker, emb = load_on_worker(args.model)
 
     def median_ms(prepared, threads: int) -> float:
         set_blas_threads(threads, quiet=True)

@@ -41,14 +41,10 @@ def main() -> None:
     import mlx.core as mx
     from PIL import Image
 
-    from tkr_embed.benchmark.raw import case_inputs
-    from tkr_embed.engine.worker import MLXWorker
+    from tkr_embed.benchmark.raw import case_inputs, load_on_worker
     from tkr_embed.models.base import DecodedImage, EmbedItem
-    from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
-    worker = MLXWorker(args.device)
-    worker.start()
-    emb = worker.call(load_embedder, resolve_model_dir(args.model), "none").embedder
+    worker, emb = load_on_worker(args.model, args.device)
     from mlx.utils import tree_flatten
 
     dtypes: dict[str, int] = {}

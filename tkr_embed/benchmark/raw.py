@@ -52,6 +52,17 @@ def time_batches(run: Callable[[], object], batch: int, seconds: float) -> dict:
             "runs": len(times)}
 
 
+def load_on_worker(model: str, device: str = "cpu"):
+    """A started MLX worker for `device` and the model loaded on it: (worker, embedder). Every
+    later MLX call goes through worker.call."""
+    from ..engine.worker import MLXWorker
+    from ..models.registry import load_embedder, resolve_model_dir
+
+    worker = MLXWorker(device)
+    worker.start()
+    return worker, worker.call(load_embedder, resolve_model_dir(model), "none").embedder
+
+
 def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None,
                image_side: int = 128, cpu_shards: int = 0) -> dict:
     import io
@@ -60,13 +71,9 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
 
     from ..blas import describe
     from ..engine.shards import make_sharded_forward
-    from ..engine.worker import MLXWorker
     from ..models.base import DecodedImage, EmbedItem
-    from ..models.registry import load_embedder, resolve_model_dir
 
-    worker = MLXWorker(device)
-    worker.start()
-    emb = worker.call(load_embedder, resolve_model_dir(model), "none").embedder
+    worker, emb = load_on_worker(model, device)
     # The engine's own forward: split across CPU streams as the server does (engine.cpu_shards),
     # never padded to shape buckets (the server's padding counts against the server, not here).
     # Its decoder compiled where the server's would be (engine.compile: auto).

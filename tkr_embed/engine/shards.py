@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..blas import set_blas_threads
 from ..models.base import Embedder, Prepared
 from .shapes import (STEPS_PER_OCTAVE, PaddedTokens, ShapeBuckets, resolve_compile, resolve_shape_buckets,
                      unpadded_shape)
@@ -90,8 +91,6 @@ class ShardedForward:
         self.on_cpu = on_cpu  # MLX computes on its CPU backend
         self._streams: list = []
         if shards > 1:
-            from ..blas import set_blas_threads
-
             self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
             # Each stream's matmuls on one core: threads of a parallel BLAS would fight the
             # other streams for the same cores.
@@ -136,8 +135,6 @@ class ShardedForward:
         """The batch unsplit, on the default stream, with a BLAS thread per shard for the
         duration: a lone request would otherwise leave all cores but one idle (a 252-token text
         alone: 107 -> 81 ms on 2 cores, docs/benchmarks.md)."""
-        from ..blas import set_blas_threads
-
         set_blas_threads(self.shards, quiet=True)
         try:
             return embedder.forward(batch)
