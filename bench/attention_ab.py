@@ -4,7 +4,8 @@
 
 Loads MiniLM once with the server's CPU path (one stream per core, single-threaded BLAS, the
 polynomial GELU), then swaps every layer's attention class between REV's
-tkr_embed/models/fast_ops.PolyExpSelfAttention (read with `git show`) and this tree's, timing the
+tkr_embed/models/fast_ops.PolyExpSelfAttention (read with `git show`) and the one this tree's
+loading picked (FusedSelfAttention where the native kernels are built), timing the
 raw forward for each case and batch, alternating the order each round. One JSON row per case and
 batch: items/s per round, the medians, their ratio, and the lowest cosine between the two
 versions' vectors. Run with OpenBLAS preloaded, as the server does on Linux.
@@ -51,12 +52,12 @@ def main() -> None:
 
     from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches
     from tkr_embed.engine.shards import ShardedForward, available_cores
-    from tkr_embed.models import fast_ops
     from tkr_embed.models.base import EmbedItem
 
     before = load_module_at(args.before, "tkr_embed/models/fast_ops.py", "fast_ops_before")
-    classes = {"before": before.PolyExpSelfAttention, "now": fast_ops.PolyExpSelfAttention}
     worker, emb = load_on_worker(args.model)
+    # This tree's: what loading chose (the native FusedSelfAttention where it is built).
+    classes = {"before": before.PolyExpSelfAttention, "now": type(emb.model.encoder.layer[0].attention.self)}
     forward = worker.call(ShardedForward, available_cores())  # sets the streams' 1-thread BLAS
 
     def use(version: str) -> None:

