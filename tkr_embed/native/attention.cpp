@@ -41,7 +41,7 @@ void cblas_sgemm(CBLAS_ORDER, CBLAS_TRANSPOSE, CBLAS_TRANSPOSE, int M, int N, in
 namespace {
 
 // exp(x) for x <= 0 (the softmax's scores minus their row maximum), eight lanes at a time with
-// GCC/Clang vector extensions (AVX2 when built with -march=native on x86, NEON pairs on arm64):
+// GCC/Clang vector extensions (AVX2 in the x86 copy picked at load time, NEON pairs on arm64):
 // x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n from the float's
 // exponent bits. n is rounded by adding and subtracting 1.5 * 2^23, whose low mantissa bits then
 // hold n itself. Below -87 float32's exp is denormal: clamped there, so the additive padding mask
@@ -50,8 +50,11 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
 
+// always_inline: GCC inlines a baseline function into the AVX2 copy only when told to.
+#define TKR_INLINE inline __attribute__((always_inline))
+
 template <typename F, typename I>
-inline F exp_nonpositive(F x) {
+TKR_INLINE F exp_nonpositive(F x) {
   const F lo = F{} - 87.0f;  // broadcast, for scalars and vectors alike
   x = x < lo ? lo : x;
   const F shifted = x * 1.44269504088896341f + 12582912.0f;
@@ -71,16 +74,17 @@ inline F exp_nonpositive(F x) {
   return p * two_n;
 }
 
-inline v8f load8(const float* p) {
+TKR_INLINE v8f load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+TKR_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
-// In place: row[j] <- exp(row[j] + mask[j] - max), returns the row's sum.
-float softmax_numerator_row(float* row, const float* mask, int n) {
+// In place: row[j] <- exp(row[j] + mask[j] - max), returns the row's sum. Compiled twice on
+// x86-64 (below): for AVX2 + FMA and for the baseline.
+TKR_INLINE float softmax_row_body(float* row, const float* mask, int n) {
   const int nv = n - n % kLanes;
   if (mask) {
     for (int j = 0; j < nv; j += kLanes) store8(row + j, load8(row + j) + load8(mask + j));
@@ -111,6 +115,29 @@ float softmax_numerator_row(float* row, const float* mask, int n) {
   }
   return sum;
 }
+
+float softmax_row_baseline(float* row, const float* mask, int n) {
+  return softmax_row_body(row, mask, n);
+}
+
+// The copy for this CPU, picked once when the library loads, so one build runs on any x86-64 CPU
+// (a venv copied between machines included). By features, not CPU model: GCC's target_clones
+// ("arch=haswell") dispatches on the model, and took the baseline copy on this AMD Zen: ~3x slower.
+using SoftmaxRow = float (*)(float*, const float*, int);
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) float softmax_row_avx2(float* row, const float* mask, int n) {
+  return softmax_row_body(row, mask, n);
+}
+
+SoftmaxRow pick_softmax_row() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return softmax_row_avx2;
+  return softmax_row_baseline;
+}
+#else
+SoftmaxRow pick_softmax_row() { return softmax_row_baseline; }
+#endif
+const SoftmaxRow softmax_numerator_row = pick_softmax_row();
 
 // A key whose additive mask is below this is padding (BERT's mask is the dtype's minimum there).
 constexpr float kPaddingBelow = -1e30f;

@@ -2,8 +2,9 @@
 
 Runs CMake on tkr_embed/native/CMakeLists.txt (nanobind and MLX's own CMake package, both from
 the virtual environment: requirements-native.txt) and writes `_attention*.so` plus the MLX version
-it was built for into this package. Compiled with -march=native, so build on the machine that
-serves. Linux only: on macOS, MLX runs attention on the GPU with its own fused kernel.
+it was built for into this package. The vectorised loop is compiled for AVX2 + FMA and for the
+baseline, the copy picked when the library loads. Linux only: on macOS, MLX runs attention on the
+GPU with its own fused kernel.
 """
 
 from __future__ import annotations
