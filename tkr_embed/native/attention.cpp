@@ -145,9 +145,6 @@ constexpr float kPaddingBelow = -1e30f;
 // Rows of queries per block: its scores ([block, L] floats) should stay in L2 while the softmax
 // and the value product read them back. Measured on a 4 x 252-token MiniLM shard: blocks of 32 KB
 // to 1 MB of scores all ran within 10% (9.0-10.1 ms).
-#ifndef KB
-#define KB 1024
-#endif
 int query_block(int L) {
   const int budget = (256 * 1024) / (4 * std::max(L, 1));
   return std::clamp(budget, 16, 256);
