@@ -100,3 +100,16 @@ def test_native_kernels_stay_off_when_asked_or_built_for_another_mlx(worker, mon
     assert worker.call(load) is None
     stamp.unlink()  # never built
     assert worker.call(load) is None
+
+
+def test_setup_rebuilds_only_for_another_mlx(worker, monkeypatch, tmp_path):
+    # setup.sh runs on every serve and test command; the build it made for this MLX stays.
+    from tkr_embed.native import build
+
+    if platform.system() != "Linux":
+        return
+    assert worker.call(build.up_to_date) is not None
+    stamp = tmp_path / "stamp"
+    stamp.write_text("0.0.1\n")
+    monkeypatch.setattr(build, "version_stamp", lambda module: stamp)
+    assert worker.call(build.up_to_date) is None

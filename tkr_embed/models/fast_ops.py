@@ -25,6 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_vlm.models.bert.bert import BertSelfAttention
 
+from ..native import bert_attention as native_bert_attention
+
 _A = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
 _INV_SQRT2 = 0.7071067811865476
 
@@ -78,59 +80,64 @@ def _softmax_numerator(scores: mx.array, row_max: mx.array) -> mx.array:
 softmax_numerator = mx.compile(_softmax_numerator, shapeless=True)
 
 
+def poly_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, heads: int,
+                   scale: float) -> mx.array:
+    """softmax(scale q k^T + mask) v per head with the polynomial softmax, from the projections
+    ([B, L, heads * head_dim]) to the merged-heads output; mask additive (0 for tokens, the dtype's
+    minimum for padding), broadcastable to [B, heads, L, L]."""
+    B, L, HD = q.shape
+    D = HD // heads
+
+    def split(x: mx.array) -> mx.array:  # [B, heads, L, head_dim]
+        return x.reshape(B, L, heads, D).transpose(0, 2, 1, 3)
+
+    q, k, v = split(q) * scale, split(k), split(v)
+    scores = q @ k.transpose(0, 1, 3, 2)
+    if mask is not None:
+        scores = scores + mask
+    # float32 whatever the model's dtype: six squarings would multiply a half-precision
+    # rounding error by 64.
+    scores = scores.astype(mx.float32)
+    weights = softmax_numerator(scores, mx.max(scores, axis=-1, keepdims=True))
+    # The rows' sums come out of the value product: v with a column of ones appended (the
+    # matmul would copy the head-split v anyway) saves a reduction pass over the weights.
+    ones = mx.ones((B, heads, L, 1), dtype=v.dtype)
+    out = (weights.astype(v.dtype) @ mx.concatenate([v, ones], axis=-1)).transpose(0, 2, 1, 3)
+    # Dividing the [B, L, heads, head_dim] views writes the merged-heads layout directly.
+    return (out[..., :D] / out[..., D:]).reshape(B, L, HD)
+
+
 class PolyExpSelfAttention(BertSelfAttention):
     """mlx-vlm's BertSelfAttention with the polynomial softmax. Installed by switching an existing
     module's class, so the parameter names (and a converted model's saved weights) stay the same."""
 
     def __call__(self, hidden_states: mx.array, mask: mx.array | None = None) -> mx.array:
-        B, L, _ = hidden_states.shape
-        q = self._shape(self.query(hidden_states), B, L) * self.scale
-        k = self._shape(self.key(hidden_states), B, L)
-        v = self._shape(self.value(hidden_states), B, L)
-        scores = q @ k.transpose(0, 1, 3, 2)
-        if mask is not None:  # additive: 0 for tokens, the dtype's minimum for padding
-            scores = scores + mask
-        # float32 whatever the model's dtype: six squarings would multiply a half-precision
-        # rounding error by 64.
-        scores = scores.astype(mx.float32)
-        weights = softmax_numerator(scores, mx.max(scores, axis=-1, keepdims=True))
-        # The rows' sums come out of the value product: v with a column of ones appended (the
-        # matmul would copy the head-split v anyway) saves a reduction pass over the weights.
-        ones = mx.ones((B, self.num_attention_heads, L, 1), dtype=v.dtype)
-        out = (weights.astype(v.dtype) @ mx.concatenate([v, ones], axis=-1)).transpose(0, 2, 1, 3)
-        # Dividing the [B, L, heads, head_dim] views writes the merged-heads layout directly.
-        return (out[..., : self.head_dim] / out[..., self.head_dim :]).reshape(B, L, self.all_head_size)
+        return poly_attention(self.query(hidden_states), self.key(hidden_states), self.value(hidden_states),
+                              mask, self.num_attention_heads, self.scale)
 
 
-class FusedSelfAttention(PolyExpSelfAttention):
+class FusedSelfAttention(BertSelfAttention):
     """BERT self-attention as one native CPU kernel (tkr_embed/native/attention.cpp): per block of
-    query rows, scores, softmax and the value product stay in the cache, where the MLX ops above
-    make a pass over the whole [batch, heads, L, L] scores in memory for each step. A 4 x 252-token
-    MiniLM shard, one core: 9.0 ms against 18.2-19.9 for PolyExpSelfAttention. float32 with a
-    key-padding mask (BERT's); anything else takes the MLX ops."""
+    query rows, scores, softmax and the value product stay in the cache, where poly_attention
+    makes a pass over the whole [batch, heads, L, L] scores in memory for each step. A 4 x 252-token
+    MiniLM shard, one core: 9.0 ms against 18.2-19.9 for poly_attention. float32 with a
+    key-padding mask (BERT's); anything else takes poly_attention. Installed only where the
+    kernel loaded (set_fast_cpu_ops)."""
 
     def __call__(self, hidden_states: mx.array, mask: mx.array | None = None) -> mx.array:
         B, L, _ = hidden_states.shape
-        fused = _native_attention()
-        if (fused is None or hidden_states.dtype != mx.float32
-                or (mask is not None and mask.shape != (B, 1, 1, L))):
-            return super().__call__(hidden_states, mask)
-        return fused(self.query(hidden_states), self.key(hidden_states), self.value(hidden_states),
-                     None if mask is None else mask.reshape(B, L),
-                     heads=self.num_attention_heads, scale=self.scale)
-
-
-def _native_attention():
-    from tkr_embed.native import bert_attention
-
-    return bert_attention()
+        q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
+        if hidden_states.dtype != mx.float32 or (mask is not None and mask.shape != (B, 1, 1, L)):
+            return poly_attention(q, k, v, mask, self.num_attention_heads, self.scale)
+        return native_bert_attention()(q, k, v, None if mask is None else mask.reshape(B, L),
+                                       heads=self.num_attention_heads, scale=self.scale)
 
 
 def set_fast_cpu_ops(bert_model, on: bool = True, native: bool = True) -> list[str]:
     """Swap a BERT encoder's exact GELU and its attention for the polynomial versions, attention
     for the native fused kernel where it is built and native=True (or all back, on=False); returns
     which ops are now the fast ones."""
-    attention_class = FusedSelfAttention if native and _native_attention() is not None else PolyExpSelfAttention
+    attention_class = FusedSelfAttention if native and native_bert_attention() is not None else PolyExpSelfAttention
     swapped: set[str] = set()
     for layer in bert_model.encoder.layer:
         act = layer.intermediate.intermediate_act_fn
@@ -143,7 +150,7 @@ def set_fast_cpu_ops(bert_model, on: bool = True, native: bool = True) -> list[s
         attn = layer.attention.self
         if on and type(attn) in (BertSelfAttention, PolyExpSelfAttention, FusedSelfAttention):
             attn.__class__ = attention_class
-        elif not on and isinstance(attn, PolyExpSelfAttention):
+        elif not on and type(attn) in (PolyExpSelfAttention, FusedSelfAttention):
             attn.__class__ = BertSelfAttention
         if type(attn) is FusedSelfAttention:
             swapped.add("fused_attention")

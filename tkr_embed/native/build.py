@@ -10,6 +10,7 @@ GPU with its own fused kernel.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import subprocess
@@ -32,6 +33,18 @@ def _cmake() -> str:
         return found
 
 
+def up_to_date() -> Path | None:
+    """The built library, if it was built for this MLX and after its sources last changed."""
+    import mlx.core as mx
+
+    stamp = version_stamp(ATTENTION_MODULE)
+    built = sorted(PACKAGE_DIR.glob(f"{ATTENTION_MODULE}*.so"))
+    if not built or not stamp.exists() or stamp.read_text().strip() != mx.__version__:
+        return None
+    sources = [PACKAGE_DIR / "attention.cpp", PACKAGE_DIR / "CMakeLists.txt"]
+    return built[-1] if built[-1].stat().st_mtime >= max(p.stat().st_mtime for p in sources) else None
+
+
 def build(verbose: bool = False) -> Path:
     import mlx.core as mx
 
@@ -42,7 +55,7 @@ def build(verbose: bool = False) -> Path:
         cmake = _cmake()
         configure = [cmake, "-S", str(PACKAGE_DIR), "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
                      f"-DPython_EXECUTABLE={sys.executable}", f"-DOUTPUT_DIR={PACKAGE_DIR}"]
-        for cmd in (configure, [cmake, "--build", build_dir, "-j", "2"]):
+        for cmd in (configure, [cmake, "--build", build_dir, "-j", str(os.cpu_count() or 2)]):
             done = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
             if done.returncode:
                 raise RuntimeError(f"{' '.join(cmd[:2])} ... failed:\n{done.stderr[-4000:]}")
@@ -56,9 +69,15 @@ def build(verbose: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     if platform.system() != "Linux":
         print("native CPU kernels: nothing to build here (Linux only)")
+        return 0
+    # setup.sh runs on every serve and test command: a build for this MLX and these sources stays.
+    current = None if args.force else up_to_date()
+    if current is not None:
+        print(f"native CPU kernels: {current.name} is up to date")
         return 0
     try:
         path = build(args.verbose)
