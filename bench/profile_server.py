@@ -32,15 +32,16 @@ from tkr_embed.benchmark.suite import Running, drive, ensure_tiny_model, free_po
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """tid -> CPU seconds (user + system) so far."""
+def thread_cpu(pid: int) -> dict[int, tuple[float, float, int]]:
+    """tid -> (CPU seconds, user + system; of them in the kernel; minor page faults) so far."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # the thread ended between listing and reading
             continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        utime, stime = int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+        out[int(task.name)] = (utime + stime, stime, int(fields[7]))
     return out
 
 
@@ -128,7 +129,9 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
             names, hot = summarize_profile(raw, args.top)
     # CPU counters span the unmeasured warm-up too: count the requests served over the same span.
     requests = max(level["requests_per_s"] * wall, 1) if args.warmup else max(level["requests"], 1)
-    threads = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
+    zero = (0.0, 0.0, 0)
+    deltas = {t: [a - b for a, b in zip(after[t], before.get(t, zero))] for t in after}
+    threads = sorted(((d[0], t) for t, d in deltas.items()), reverse=True)
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
         "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
@@ -138,7 +141,11 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
                                 / max(1.0, batcher_after["http_seconds_count"] - batcher_before["http_seconds_count"]), 2),
         "frontend": batcher_after["frontend"],
         "process_cpu_s": round(sum(d for d, _ in threads), 2),
-        "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2),
+        # Time in the kernel and page faults: buffers handed back to the kernel and faulted in
+        # again show here (engine/buffer_cache.py).
+        "process_sys_s": round(sum(d[1] for d in deltas.values()), 2),
+        "minor_faults_per_item": round(sum(d[2] for d in deltas.values()) / max(items, 1)),
+        "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2), "sys_s": round(deltas[t][1], 2),
                      "cpu_ms_per_request": round(1000 * d / requests, 3)} for d, t in threads if d >= 0.05],
         "hot": hot,
     }

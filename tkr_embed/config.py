@@ -73,6 +73,9 @@ class EngineSettings(_Section):
     # MLX's CPU backend: split each batch across this many CPU streams (engine/shards.py);
     # 0 = one per core on Linux, 1 elsewhere. Ignored on Metal and CUDA.
     cpu_shards: int = Field(0, ge=0)
+    # MLX's CPU backend: MiB of freed buffers kept for reuse (engine/buffer_cache.py); MLX's own
+    # limit there is 32 MiB, less than one batch. 0 = auto: an eighth of memory, 256 MiB to 4 GiB.
+    cpu_buffer_cache_mb: int = Field(0, ge=0)
     # Pad each batch to one of a few sizes and lengths (engine/shapes.py): a new batch shape costs
     # MLX's CUDA backend a one-off 0.1-0.3 s. auto = on for CUDA only; on/off force it.
     shape_buckets: Literal["auto", "on", "off"] = "auto"

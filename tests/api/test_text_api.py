@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from tkr_embed.engine.buffer_cache import resolve_cpu_buffer_cache
+
 from tests.api.conftest import running_app
 from tests.conftest import MINILM_SPEC
 from tests.helpers import make_settings, png_bytes
@@ -61,6 +63,8 @@ async def test_health_info_docs(api):
         assert key in info
     # On the CPU backend every batch is split across one CPU stream per core (engine.cpu_shards: 0).
     assert info["worker"]["cpu_shards"] == len(os.sched_getaffinity(0))
+    # and MLX keeps freed buffers for the next batch (engine.cpu_buffer_cache_mb: 0 = auto).
+    assert info["worker"]["cpu_buffer_cache_mb"] == resolve_cpu_buffer_cache(0) >> 20
     assert (await client.get("/docs")).status_code == 200
     assert "/embed/text" in (await client.get("/openapi.json")).json()["paths"]
 

@@ -123,7 +123,8 @@ class EmbeddingService:
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
-                                                    e.max_batch_items, e.compile, e.length_buckets)
+                                                    e.max_batch_items, e.compile, e.length_buckets,
+                                                    e.cpu_buffer_cache_mb)
         else:
             self.sharded = self._shared_with.sharded
         self.loaded, self.memory_bytes = await self.worker.submit(
@@ -302,7 +303,10 @@ class EmbeddingService:
         return {"describe": emb.describe(),
                 "cpu_shards": self.sharded.shards,  # CPU streams each batch is split across
                 "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
-                "compiled": bool(getattr(emb, "compiled", False))}  # the decoder runs mx.compile'd
+                "compiled": bool(getattr(emb, "compiled", False)),  # the decoder runs mx.compile'd
+                # MiB of freed buffers MLX keeps for reuse on the CPU backend (None: MLX's own limit)
+                "cpu_buffer_cache_mb": None if self.sharded.cpu_buffer_cache is None
+                else self.sharded.cpu_buffer_cache >> 20}
 
     def info(self) -> dict:
         lm = self.loaded

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..blas import set_blas_threads
 from ..models.base import Embedder, Prepared
+from .buffer_cache import set_cpu_buffer_cache
 from .shapes import (STEPS_PER_OCTAVE, PaddedTokens, ShapeBuckets, resolve_compile, resolve_shape_buckets,
                      unpadded_shape)
 
@@ -89,6 +90,7 @@ class ShardedForward:
         self.buckets = buckets
         self.compile = compile  # models that support it run their decoder mx.compile'd (adopt)
         self.on_cpu = on_cpu  # MLX computes on its CPU backend
+        self.cpu_buffer_cache: int | None = None  # bytes MLX keeps for reuse, where set (buffer_cache.py)
         self._streams: list = []
         if shards > 1:
             self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
@@ -143,15 +145,17 @@ class ShardedForward:
 
 
 def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64,
-                         compile: str = "off", length_steps: int = STEPS_PER_OCTAVE) -> ShardedForward:
+                         compile: str = "off", length_steps: int = STEPS_PER_OCTAVE,
+                         cpu_buffer_cache_mb: int = 0) -> ShardedForward:
     """Worker thread only (CPU streams exist only on the thread that made them).
     setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off);
-    length_steps: engine.length_buckets."""
+    length_steps: engine.length_buckets; cpu_buffer_cache_mb: engine.cpu_buffer_cache_mb."""
     import mlx.core as mx
 
     from ..models.quantize import on_cpu_backend
 
     on_cpu = on_cpu_backend()
+    cache_limit = set_cpu_buffer_cache(cpu_buffer_cache_mb, on_cpu)
     shards = resolve_shards(setting, on_cpu)
     if shards > 1:
         log.info("forward passes split across %d CPU streams", shards)
@@ -164,4 +168,6 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     compiled = resolve_compile(compile, on_cpu, cuda)
     if compiled:
         log.info("decoders traced with mx.compile per batch shape (engine.compile)")
-    return ShardedForward(shards, buckets, compiled, on_cpu)
+    forward = ShardedForward(shards, buckets, compiled, on_cpu)
+    forward.cpu_buffer_cache = cache_limit
+    return forward
