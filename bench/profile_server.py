@@ -45,6 +45,13 @@ def thread_cpu(pid: int) -> dict[int, tuple[float, float, int]]:
     return out
 
 
+def machine_cpu() -> list[float]:
+    """The whole machine's CPU seconds so far, from /proc/stat: [busy, idle (iowait included), steal]."""
+    fields = [int(x) / CLOCK_TICKS for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return [user + nice + system + irq + softirq, idle + iowait, steal]
+
+
 def find_py_spy() -> str | None:
     beside = Path(sys.executable).with_name("py-spy")
     return str(beside) if beside.exists() else shutil.which("py-spy")
@@ -115,9 +122,10 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
                                 "-f", "raw", "-o", str(raw), "--threads", "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     batcher_before = batcher_stats(running.url)
-    before, t0 = thread_cpu(pid), time.perf_counter()
+    before, machine_before, t0 = thread_cpu(pid), machine_cpu(), time.perf_counter()
     level = drive(running, case, args)[0]
     after, wall = thread_cpu(pid), time.perf_counter() - t0
+    machine = [a - b for a, b in zip(machine_cpu(), machine_before)]
     time.sleep(1.2)  # with several front ends the engine's figures travel once a second
     batcher_after = batcher_stats(running.url)
     batches = batcher_after["batches_run"] - batcher_before["batches_run"]
@@ -144,6 +152,13 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         # Time in the kernel and page faults: buffers handed back to the kernel and faulted in
         # again show here (engine/buffer_cache.py).
         "process_sys_s": round(sum(d[1] for d in deltas.values()), 2),
+        # Cores in use over the same span: by this server, by everything else (the load generator,
+        # other tenants), idle, and stolen by the hypervisor.
+        "cores": {"server": round(sum(d for d, _ in threads) / wall, 2),
+                  "others": round((machine[0] - sum(d for d, _ in threads)) / wall, 2),
+                  "idle": round(machine[1] / wall, 2), "steal": round(machine[2] / wall, 2)},
+        "items_run": items,
+        "cpu_ms_per_item": round(1000 * sum(d for d, _ in threads) / max(items, 1), 2),
         "minor_faults_per_item": round(sum(d[2] for d in deltas.values()) / max(items, 1)),
         "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2), "sys_s": round(deltas[t][1], 2),
                      "cpu_ms_per_request": round(1000 * d / requests, 3)} for d, t in threads if d >= 0.05],

@@ -97,7 +97,9 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
         rows.append(row)
         print(f"batch {b}: {row}", file=sys.stderr, flush=True)
     return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(),
-            "cpu_shards": sharded.shards, "compiled": bool(getattr(emb, "compiled", False)), "results": rows}
+            "cpu_shards": sharded.shards, "compiled": bool(getattr(emb, "compiled", False)),
+            "cpu_buffer_cache_mb": None if sharded.cpu_buffer_cache is None else sharded.cpu_buffer_cache >> 20,
+            "results": rows}
 
 
 def torch_forward(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str,
