@@ -26,8 +26,9 @@ eval "$(.venv/bin/python - <<'PY'
 import shlex
 from tkr_embed.blas import preload_env
 env = preload_env()
-if env:
-    print("export LD_PRELOAD=" + shlex.quote(env["LD_PRELOAD"]))
+for name in ("LD_PRELOAD", "OPENBLAS_THREAD_TIMEOUT"):
+    if env and name in env:
+        print(f"export {name}=" + shlex.quote(env[name]))
 PY
 )"
 exec .venv/bin/python -m pytest "$@"

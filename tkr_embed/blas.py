@@ -4,6 +4,13 @@ MLX's Linux CPU wheel links the reference (netlib) BLAS: f32 matmuls run ~35x sl
 OpenBLAS. Preloading the system's OpenBLAS (Debian/Ubuntu: libopenblas0-pthread) fixes that;
 preloading has to happen before the process starts, so the launcher re-executes itself once
 with LD_PRELOAD set. TKR_EMBED_BLAS=off disables this.
+
+It also sets OPENBLAS_THREAD_TIMEOUT=4 (unless set already): OpenBLAS's idle worker threads spin,
+calling sched_yield, for 2^28 cycles (~0.1 s) after each call before they sleep, and a lone
+request's matmuls run on every core (engine/shards.py), so at one client a request every ~25 ms
+kept a core spinning for good: the server used 1.87 cores instead of 1.58, a tenth of it in the
+kernel, at the same requests/s. With 4 (2^4 cycles) the workers sleep as soon as they are idle.
+OpenBLAS reads the variable when it loads, so it travels with the re-exec.
 """
 
 from __future__ import annotations
@@ -37,18 +44,28 @@ def find_fast_blas() -> str | None:
     return None
 
 
+THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
 def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
-    """The environment to re-exec with, or None when nothing needs doing."""
+    """The environment to re-exec with (OpenBLAS preloaded, its idle threads made to sleep), or
+    None when nothing needs doing."""
     env = dict(os.environ if env is None else env)
     if sys.platform != "linux" or env.get("TKR_EMBED_BLAS", "").lower() == "off" or env.get(_MARK):
         return None
-    if "blas" in env.get("LD_PRELOAD", "").lower():
+    changed = False
+    if "blas" not in env.get("LD_PRELOAD", "").lower():
+        lib = find_fast_blas()
+        if lib is not None:
+            env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib
+            changed = True
+    name, value = THREAD_TIMEOUT
+    if "openblas" in env.get("LD_PRELOAD", "").lower() and name not in env:
+        env[name] = value
+        changed = True
+    if not changed:
         return None
-    lib = find_fast_blas()
-    if lib is None:
-        return None
-    env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib
-    env[_MARK] = lib
+    env[_MARK] = "1"  # once: never re-exec again, whatever the result
     return env
 
 
@@ -97,6 +114,7 @@ def describe() -> str:
     if sys.platform != "linux":
         return f"{sys.platform}: MLX uses the platform's accelerated BLAS"
     if "blas" in preload.lower():
-        return f"OpenBLAS preloaded ({preload})"
+        timeout = os.environ.get(THREAD_TIMEOUT[0])
+        return f"OpenBLAS preloaded ({preload})" + (f", {THREAD_TIMEOUT[0]}={timeout}" if timeout else "")
     return ("reference BLAS (slow): install OpenBLAS (apt-get install libopenblas0-pthread) "
             "and tkr-embed preloads it")

@@ -101,10 +101,29 @@ def test_launcher_preloads_openblas_on_linux():
     # a missing model makes serve exit right after logging its BLAS choice
     r = subprocess.run(tkr_embed_cmd("serve", "--config", "config.dev.yaml", "--model", "/nonexistent"),
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert "OpenBLAS preloaded" in r.stderr
+    assert "OpenBLAS preloaded" in r.stderr and "OPENBLAS_THREAD_TIMEOUT=4" in r.stderr
     r = subprocess.run(tkr_embed_cmd("serve", "--config", "config.dev.yaml", "--model", "/nonexistent"),
                        cwd=ROOT, env=env | {"TKR_EMBED_BLAS": "off"}, capture_output=True, text=True, timeout=60)
     assert "reference BLAS" in r.stderr
+
+
+def test_the_preload_makes_idle_openblas_threads_sleep(monkeypatch):
+    """OpenBLAS's idle threads spin ~0.1 s after each call unless OPENBLAS_THREAD_TIMEOUT says
+    otherwise: the launcher sets it with the preload, and also when OpenBLAS is preloaded already,
+    but never overrides a value the user chose."""
+    import sys
+
+    from tkr_embed import blas
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(blas, "find_fast_blas", lambda: "/usr/lib/libopenblas.so.0")
+    fresh = blas.preload_env({"PATH": "/bin"})
+    assert fresh["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0" and fresh["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    already = blas.preload_env({"LD_PRELOAD": "/opt/libopenblas.so.0"})
+    assert already["LD_PRELOAD"] == "/opt/libopenblas.so.0" and already["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert blas.preload_env({"LD_PRELOAD": "/opt/libopenblas.so.0", "OPENBLAS_THREAD_TIMEOUT": "20"}) is None
+    assert blas.preload_env(fresh) is None  # the re-exec'd process does not re-exec again
+    assert blas.preload_env({"TKR_EMBED_BLAS": "off"}) is None
 
 
 def test_a_client_that_disconnects_has_its_items_dropped():
