@@ -49,10 +49,11 @@ def test_a_batchs_buffers_are_kept_for_the_next_and_results_unchanged(worker, mi
         mx.set_cache_limit(before)
         try:
             forward = make_sharded_forward(2, cpu_buffer_cache_mb=512)
-            in_force = mx.set_cache_limit(forward.cpu_buffer_cache)
+            in_force = mx.set_cache_limit(before)  # returns the limit the engine set
+            mx.set_cache_limit(in_force)
             mx.clear_cache()
             out = forward(minilm, prepared)
-            return forward.cpu_buffer_cache, in_force, mx.get_cache_memory(), out
+            return forward.cpu_buffer_cache_mb * MIB, in_force, mx.get_cache_memory(), out
         finally:
             mx.set_cache_limit(before)
             mx.clear_cache()

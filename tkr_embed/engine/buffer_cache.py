@@ -5,10 +5,11 @@ similar size from it, up to a cache limit. On Metal and CUDA that limit is the m
 the CPU backend it is 32 MiB (mlx 0.32), less than one batch's activations (a 16 x 252-token
 MiniLM batch cycles ~200 MiB of buffers, one of its FFN intermediates alone is 25 MiB). Every
 buffer past the limit went back to malloc, glibc handed the large ones back to the kernel, and
-the next batch faulted fresh zeroed pages in one by one: 180,000 page faults per 16-text batch,
-a fifth of the forward's CPU time spent in the kernel. With room for a batch's buffers the raw
-forward ran long texts 1.10-1.24x and short ones 1.03-1.15x faster (docs/benchmarks.md, "MLX's
-buffer cache on the CPU backend").
+the next batch faulted fresh zeroed pages in one by one: 75,000 page faults per 16-text batch,
+~950,000 per 64-text one (a quarter of its CPU time in the kernel). With room for a batch's
+buffers the raw forward ran long texts 1.05x faster at batch 16 and 1.41x at 64; short-text
+batches fit in 32 MiB and are unchanged (docs/benchmarks.md, "MLX's buffer cache on the CPU
+backend").
 """
 
 from __future__ import annotations

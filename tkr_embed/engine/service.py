@@ -305,8 +305,7 @@ class EmbeddingService:
                 "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
                 "compiled": bool(getattr(emb, "compiled", False)),  # the decoder runs mx.compile'd
                 # MiB of freed buffers MLX keeps for reuse on the CPU backend (None: MLX's own limit)
-                "cpu_buffer_cache_mb": None if self.sharded.cpu_buffer_cache is None
-                else self.sharded.cpu_buffer_cache >> 20}
+                "cpu_buffer_cache_mb": self.sharded.cpu_buffer_cache_mb}
 
     def info(self) -> dict:
         lm = self.loaded

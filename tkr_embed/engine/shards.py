@@ -83,14 +83,15 @@ class ShardedForward:
     Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
     def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False,
-                 on_cpu: bool = True):
+                 on_cpu: bool = True, cpu_buffer_cache: int | None = None):
         import mlx.core as mx
 
         self.shards = shards
         self.buckets = buckets
         self.compile = compile  # models that support it run their decoder mx.compile'd (adopt)
         self.on_cpu = on_cpu  # MLX computes on its CPU backend
-        self.cpu_buffer_cache: int | None = None  # bytes MLX keeps for reuse, where set (buffer_cache.py)
+        # MiB of freed buffers MLX keeps for reuse, where the engine set it (buffer_cache.py)
+        self.cpu_buffer_cache_mb = None if cpu_buffer_cache is None else cpu_buffer_cache >> 20
         self._streams: list = []
         if shards > 1:
             self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
@@ -168,6 +169,4 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     compiled = resolve_compile(compile, on_cpu, cuda)
     if compiled:
         log.info("decoders traced with mx.compile per batch shape (engine.compile)")
-    forward = ShardedForward(shards, buckets, compiled, on_cpu)
-    forward.cpu_buffer_cache = cache_limit
-    return forward
+    return ShardedForward(shards, buckets, compiled, on_cpu, cache_limit)
