@@ -24,9 +24,9 @@ if command -v chromium >/dev/null; then export TKR_CHROMIUM="$(command -v chromi
 # Preload OpenBLAS for MLX in this process and the servers the tests start.
 eval "$(.venv/bin/python - <<'PY'
 import shlex
-from tkr_embed.blas import preload_env
+from tkr_embed.blas import PRELOAD_VARS, preload_env
 env = preload_env()
-for name in ("LD_PRELOAD", "OPENBLAS_THREAD_TIMEOUT"):
+for name in PRELOAD_VARS:
     if env and name in env:
         print(f"export {name}=" + shlex.quote(env[name]))
 PY

@@ -44,7 +44,9 @@ def find_fast_blas() -> str | None:
     return None
 
 
-THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
+# The variables the launcher passes on to the re-exec'd process (and the test runner exports).
+PRELOAD_VARS = ("LD_PRELOAD", "OPENBLAS_THREAD_TIMEOUT")
+THREAD_TIMEOUT_LOG2_CYCLES = "4"
 
 
 def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
@@ -59,9 +61,8 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
         if lib is not None:
             env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib
             changed = True
-    name, value = THREAD_TIMEOUT
-    if "openblas" in env.get("LD_PRELOAD", "").lower() and name not in env:
-        env[name] = value
+    if "openblas" in env.get("LD_PRELOAD", "").lower() and "OPENBLAS_THREAD_TIMEOUT" not in env:
+        env["OPENBLAS_THREAD_TIMEOUT"] = THREAD_TIMEOUT_LOG2_CYCLES
         changed = True
     if not changed:
         return None
@@ -114,7 +115,7 @@ def describe() -> str:
     if sys.platform != "linux":
         return f"{sys.platform}: MLX uses the platform's accelerated BLAS"
     if "blas" in preload.lower():
-        timeout = os.environ.get(THREAD_TIMEOUT[0])
-        return f"OpenBLAS preloaded ({preload})" + (f", {THREAD_TIMEOUT[0]}={timeout}" if timeout else "")
+        timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+        return f"OpenBLAS preloaded ({preload})" + (f", OPENBLAS_THREAD_TIMEOUT={timeout}" if timeout else "")
     return ("reference BLAS (slow): install OpenBLAS (apt-get install libopenblas0-pthread) "
             "and tkr-embed preloads it")

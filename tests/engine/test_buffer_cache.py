@@ -38,6 +38,28 @@ def test_other_backends_keep_mlxs_own_limit(worker):
     assert worker.call(run) == (None, 123 * MIB)  # not set, and the limit untouched
 
 
+def _limit_in_force() -> int:
+    """MLX's cache limit now (worker thread): set_cache_limit answers with the previous one."""
+    import mlx.core as mx
+
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    return limit
+
+
+def test_the_worker_sets_the_limit_as_it_starts():
+    from tkr_embed.engine.worker import MLXWorker
+
+    w = MLXWorker("cpu", cpu_buffer_cache_mb=512)
+    w.start()
+    try:
+        in_force = w.call(_limit_in_force)
+        assert w.cpu_buffer_cache_mb == 512 and in_force == 512 * MIB
+        w.call(set_cpu_buffer_cache, 0, True)  # the process-wide limit back to the engine's default
+    finally:
+        w.stop()
+
+
 def test_a_batchs_buffers_are_kept_for_the_next_and_results_unchanged(worker, minilm):
     # 16 texts of ~250 tokens: one FFN intermediate alone is 16 x 250 x 1536 x 4 B = 25 MiB.
     prepared = [minilm.prepare(EmbedItem(text=f"buffers kept for reuse {i} " * 50)) for i in range(16)]
@@ -45,15 +67,14 @@ def test_a_batchs_buffers_are_kept_for_the_next_and_results_unchanged(worker, mi
     def run():
         import mlx.core as mx
 
-        before = mx.set_cache_limit(0)
-        mx.set_cache_limit(before)
+        before = _limit_in_force()
         try:
-            forward = make_sharded_forward(2, cpu_buffer_cache_mb=512)
-            in_force = mx.set_cache_limit(before)  # returns the limit the engine set
-            mx.set_cache_limit(in_force)
+            limit = set_cpu_buffer_cache(512, on_cpu=True)
+            in_force = _limit_in_force()
+            forward = make_sharded_forward(2)
             mx.clear_cache()
             out = forward(minilm, prepared)
-            return forward.cpu_buffer_cache_mb * MIB, in_force, mx.get_cache_memory(), out
+            return limit, in_force, mx.get_cache_memory(), out
         finally:
             mx.set_cache_limit(before)
             mx.clear_cache()

@@ -98,7 +98,7 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
         print(f"batch {b}: {row}", file=sys.stderr, flush=True)
     return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(),
             "cpu_shards": sharded.shards, "compiled": bool(getattr(emb, "compiled", False)),
-            "cpu_buffer_cache_mb": sharded.cpu_buffer_cache_mb,
+            "cpu_buffer_cache_mb": worker.cpu_buffer_cache_mb,
             "results": rows}
 
 

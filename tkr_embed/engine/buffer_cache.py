@@ -38,7 +38,7 @@ def resolve_cpu_buffer_cache(setting_mb: int, memory_bytes: int | None = None) -
 
 
 def set_cpu_buffer_cache(setting_mb: int, on_cpu: bool) -> int | None:
-    """Worker thread only. On the CPU backend set MLX's cache limit from engine.cpu_buffer_cache_mb
+    """The MLX worker, as it starts (engine/worker.py). On the CPU backend set MLX's cache limit from engine.cpu_buffer_cache_mb
     and return it in bytes; elsewhere leave MLX's own (the memory limit) and return None."""
     if not on_cpu:
         return None

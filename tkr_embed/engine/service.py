@@ -94,7 +94,7 @@ class EmbeddingService:
         self._shared_with = shared_with
         self.sharded: ShardedForward | None = None  # made on the worker at start (shared in a pool)
         if shared_with is None:
-            self.worker = MLXWorker(settings.model.device)
+            self.worker = MLXWorker(settings.model.device, settings.engine.cpu_buffer_cache_mb)
             self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads or available_cores(),
                                                thread_name_prefix="tkr-cpu")
         else:
@@ -123,8 +123,7 @@ class EmbeddingService:
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
-                                                    e.max_batch_items, e.compile, e.length_buckets,
-                                                    e.cpu_buffer_cache_mb)
+                                                    e.max_batch_items, e.compile, e.length_buckets)
         else:
             self.sharded = self._shared_with.sharded
         self.loaded, self.memory_bytes = await self.worker.submit(
@@ -305,7 +304,7 @@ class EmbeddingService:
                 "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
                 "compiled": bool(getattr(emb, "compiled", False)),  # the decoder runs mx.compile'd
                 # MiB of freed buffers MLX keeps for reuse on the CPU backend (None: MLX's own limit)
-                "cpu_buffer_cache_mb": self.sharded.cpu_buffer_cache_mb}
+                "cpu_buffer_cache_mb": self.worker.cpu_buffer_cache_mb}
 
     def info(self) -> dict:
         lm = self.loaded

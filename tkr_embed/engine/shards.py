@@ -26,7 +26,6 @@ import numpy as np
 
 from ..blas import set_blas_threads
 from ..models.base import Embedder, Prepared
-from .buffer_cache import set_cpu_buffer_cache
 from .shapes import (STEPS_PER_OCTAVE, PaddedTokens, ShapeBuckets, resolve_compile, resolve_shape_buckets,
                      unpadded_shape)
 
@@ -83,15 +82,13 @@ class ShardedForward:
     Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
     def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False,
-                 on_cpu: bool = True, cpu_buffer_cache: int | None = None):
+                 on_cpu: bool = True):
         import mlx.core as mx
 
         self.shards = shards
         self.buckets = buckets
         self.compile = compile  # models that support it run their decoder mx.compile'd (adopt)
         self.on_cpu = on_cpu  # MLX computes on its CPU backend
-        # MiB of freed buffers MLX keeps for reuse, where the engine set it (buffer_cache.py)
-        self.cpu_buffer_cache_mb = None if cpu_buffer_cache is None else cpu_buffer_cache >> 20
         self._streams: list = []
         if shards > 1:
             self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
@@ -146,17 +143,15 @@ class ShardedForward:
 
 
 def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64,
-                         compile: str = "off", length_steps: int = STEPS_PER_OCTAVE,
-                         cpu_buffer_cache_mb: int = 0) -> ShardedForward:
+                         compile: str = "off", length_steps: int = STEPS_PER_OCTAVE) -> ShardedForward:
     """Worker thread only (CPU streams exist only on the thread that made them).
     setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off);
-    length_steps: engine.length_buckets; cpu_buffer_cache_mb: engine.cpu_buffer_cache_mb."""
+    length_steps: engine.length_buckets."""
     import mlx.core as mx
 
     from ..models.quantize import on_cpu_backend
 
     on_cpu = on_cpu_backend()
-    cache_limit = set_cpu_buffer_cache(cpu_buffer_cache_mb, on_cpu)
     shards = resolve_shards(setting, on_cpu)
     if shards > 1:
         log.info("forward passes split across %d CPU streams", shards)
@@ -169,4 +164,4 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     compiled = resolve_compile(compile, on_cpu, cuda)
     if compiled:
         log.info("decoders traced with mx.compile per batch shape (engine.compile)")
-    return ShardedForward(shards, buckets, compiled, on_cpu, cache_limit)
+    return ShardedForward(shards, buckets, compiled, on_cpu)

@@ -2,7 +2,8 @@
 
 MLX is not thread-safe (and since 0.31.2 a stream made on one thread is invisible to others), so
 loading, every forward pass and every mx.eval run here, one job at a time. The event loop only
-awaits the futures this thread resolves.
+awaits the futures this thread resolves. Starting, it picks MLX's device for the process and, on
+the CPU backend, how much freed memory MLX keeps for reuse (engine/buffer_cache.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..models.quantize import on_cpu_backend
+from .buffer_cache import set_cpu_buffer_cache
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -25,10 +29,15 @@ class WorkerStopped(RuntimeError):
 
 
 class MLXWorker:
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", cpu_buffer_cache_mb: int = 0):
+        """device: model.device (auto|cpu|gpu); cpu_buffer_cache_mb: engine.cpu_buffer_cache_mb."""
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self._device = device
+        self._cpu_buffer_cache_setting = cpu_buffer_cache_mb
+        # MiB of freed buffers MLX keeps for reuse, once the thread has set it on the CPU backend
+        # (None: MLX's own limit, as on Metal and CUDA).
+        self.cpu_buffer_cache_mb: int | None = None
         self._stopped = False
         self.busy_seconds = 0.0
         self.jobs_run = 0
@@ -49,6 +58,8 @@ class MLXWorker:
             mx.set_default_device(mx.cpu)
         elif self._device == "gpu":
             mx.set_default_device(mx.gpu)
+        limit = set_cpu_buffer_cache(self._cpu_buffer_cache_setting, on_cpu_backend())
+        self.cpu_buffer_cache_mb = None if limit is None else limit >> 20
         while True:
             job = self._jobs.get()
             if job is _STOP:
