@@ -68,8 +68,10 @@ def test_bare_on_and_off_switch_engine_settings():
     # YAML reads a bare off/on as a boolean; the three-way switches take them as "off"/"on".
     s = load_settings(ROOT / "config.yaml", env={"EMBEDDING__ENGINE__COMPILE": "off",
                                                  "EMBEDDING__ENGINE__SHAPE_BUCKETS": "on",
-                                                 "EMBEDDING__ENGINE__LENGTH_BUCKETS": "8"})
+                                                 "EMBEDDING__ENGINE__LENGTH_BUCKETS": "8",
+                                                 "EMBEDDING__ENGINE__PACK_SEQUENCES": "off"})
     assert (s.engine.compile, s.engine.shape_buckets, s.engine.length_buckets) == ("off", "on", 8)
+    assert s.engine.pack_sequences is False and load_settings(ROOT / "config.yaml", env={}).engine.pack_sequences
     with pytest.raises(SettingsError, match="engine.compile"):
         load_settings(ROOT / "config.yaml", env={"EMBEDDING__ENGINE__COMPILE": "sometimes"})
 

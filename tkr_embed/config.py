@@ -60,8 +60,9 @@ class ModelSettings(_Section):
 
 
 class EngineSettings(_Section):
-    # One batch's budget: padded sequence length x items (image tokens included). 0 = by backend:
-    # 8192 on GPUs, 4096 on MLX's CPU backend (engine/batcher.py says why).
+    # One batch's budget: padded sequence length x items (image tokens included), or the real
+    # tokens where batches run packed (pack_sequences). 0 = by backend: 8192 on GPUs, 4096 on
+    # MLX's CPU backend (engine/batcher.py says why).
     max_batch_tokens: int = Field(0, ge=0)
     max_batch_items: int = Field(64, ge=1)
     # Real / padded tokens a batch keeps at least: lower mixes lengths more (bigger batches, more padding).
@@ -86,6 +87,10 @@ class EngineSettings(_Section):
     # element-wise ops, less graph building. auto = on for CUDA, as shape_buckets (each new shape
     # costs a trace, so only where shapes are few).
     compile: Literal["auto", "on", "off"] = "auto"
+    # Run a batch's sequences packed end to end, without padding, where the model and backend can
+    # (BERT-family text encoders on MLX's CPU backend with the native kernels: models/packed_bert.py).
+    # Same vectors; mixed lengths no longer pad to the longest. false: always padded batches.
+    pack_sequences: bool = True
     retry_after_seconds: int = Field(1, ge=1)
 
     @field_validator("shape_buckets", "compile", mode="before")

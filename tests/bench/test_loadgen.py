@@ -59,6 +59,18 @@ def test_image_cases_send_distinct_images():
     assert a[1]["image_url"]["url"] != b[1]["image_url"]["url"] and a[0]["text"] != b[0]["text"]
 
 
+def test_ingest_requests_carry_32_distinct_documents_of_mixed_lengths():
+    from tkr_embed.benchmark.cases import INGEST_TEXTS, items_per_request
+
+    req = build_case("ingest", "/v1/embeddings", "m")
+    docs = [t for i in (10**11, 10**11 + 1) for t in json.loads(req(i)[1])["input"]]
+    assert len(docs) == 2 * INGEST_TEXTS == 2 * items_per_request("ingest")
+    assert len(set(docs)) == len(docs)  # no document repeats across requests: no cache hits
+    words = sorted(len(d.split()) for d in docs)
+    assert words[0] < 30 and words[-1] > 150  # queries and passages in one request
+    assert items_per_request("short") == 1
+
+
 async def test_a_connection_closed_while_idle_before_the_start_is_reopened():
     """A server's keep-alive timeout can close a client's connection while the other clients are
     still warming up (slow first requests on a GPU): the client reconnects, as HTTP pools do,

@@ -1,6 +1,6 @@
 """plan_batch: the packing rule, on plain numbers."""
 
-from tkr_embed.engine.batcher import plan_batch, resolve_batch_tokens
+from tkr_embed.engine.batcher import plan_batch, plan_packed_batch, resolve_batch_tokens
 
 
 def padded(costs, chosen):
@@ -78,3 +78,15 @@ def test_budget_counts_the_bucketed_shape_the_device_runs():
     # short texts are bounded by max_items either way; one item over the budget still runs alone
     assert len(plan_batch([48] * 100, list(range(100)), 8192, 64, padded=device_tokens)) == 64
     assert plan_batch([9000, 10], [0, 1], 8192, 64, padded=device_tokens) == [0]
+
+
+def test_packed_batches_take_the_oldest_that_fit_in_real_tokens():
+    costs = [26, 252, 24, 250, 30, 252, 28, 251]
+    seqs = [7, 0, 6, 1, 5, 2, 4, 3]  # item 1 is the oldest, then 3, 5, 7, 6, 4, 2, 0
+    # Lengths mix freely (nothing pads): the budget counts 252 + 250 + 252 + 251 + 28 = 1033.
+    chosen = plan_packed_batch(costs, seqs, max_tokens=1040, max_items=64)
+    assert chosen == [1, 3, 5, 7, 6]
+    # An item that does not fit is passed over for a later one that does.
+    assert plan_packed_batch([100, 900, 50], [0, 1, 2], max_tokens=200, max_items=64) == [0, 2]
+    assert plan_packed_batch([5] * 10, list(range(10)), max_tokens=10**6, max_items=4) == [0, 1, 2, 3]
+    assert plan_packed_batch([5000, 10], [0, 1], max_tokens=100, max_items=8) == [0]  # alone, over budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import time
 
 import numpy as np
@@ -123,6 +124,10 @@ async def test_info_reports_model_cache_batcher_and_memory(service):
     assert {"hits", "misses", "size", "hit_rate"} <= set(info["cache"])
     assert info["batcher"]["max_batch_items"] == 64
     assert info["batcher"]["max_batch_tokens"] == 4096  # config.dev.yaml's 0: the CPU backend's budget
+    if platform.system() == "Linux":  # the native kernels are built there: MiniLM runs packed
+        assert info["worker"]["packed_sequences"] and info["batcher"]["packed"]
+        assert info["model"]["packed_sequences"]
+        assert info["batcher"]["padding_efficiency"] == 1.0
 
 
 async def test_shape_buckets_warm_every_batch_size_and_change_no_vector(service):

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 import random
 
 import numpy as np
 import pytest
 
 from tkr_embed.blas import set_blas_threads
-from tkr_embed.engine.shards import ShardedForward, resolve_shards, split_by_cost
+from tkr_embed.engine.shards import (ShardedForward, resolve_shards, sequence_work, split_by_cost,
+                                     split_by_work)
 from tkr_embed.models.base import EmbedItem
 
 from tests.helpers import forward_each_alone, mixed_multimodal_items
@@ -50,6 +52,28 @@ def test_equal_items_split_evenly_and_long_items_do_not_pad_short_ones():
     assert [len(r) for r in split_by_cost([22] * 64, 4)] == [16, 16, 16, 16]
     mixed = [252] * 8 + [26] * 20
     assert [sorted({mixed[i] for i in r}) for r in split_by_cost(mixed, 2)] == [[26], [252]]
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("seed", range(6))
+def test_packed_split_covers_every_item_once_within_one_item_of_even(shards, seed):
+    rng = random.Random(seed)
+    work = [sequence_work(rng.choice([5, 22, 26, 60, 248, 252]), 384) for _ in range(rng.randint(1, 40))]
+    groups = split_by_work(work, shards)
+    assert sorted(i for g in groups for i in g) == list(range(len(work)))
+    assert 1 <= len(groups) <= min(shards, len(work)) and all(groups)
+    loads = [sum(work[i] for i in g) for g in groups]
+    # Largest first to the least loaded: no group exceeds an even share by more than one item.
+    assert max(loads) <= sum(work) / len(groups) + max(work)
+
+
+def test_packed_split_mixes_lengths_to_balance_the_shards():
+    # 20 queries and 8 passages: split by padded cost, one shard takes all the passages (5.5x the
+    # other's work); packed, each shard gets half of each.
+    work = [sequence_work(n, 384) for n in [252] * 8 + [26] * 20]
+    loads = sorted(sum(work[i] for i in g) for g in split_by_work(work, 2))
+    assert loads[1] / loads[0] < 1.02
+    assert sequence_work(252, 384) / sequence_work(26, 384) > 252 / 26  # attention grows with length
 
 
 def test_shards_resolve_per_backend():
@@ -99,6 +123,34 @@ def test_sharded_minilm_matches_each_item_alone(worker, minilm, shards):
     sharded = worker.call(ShardedForward, shards)
     out = worker.call(sharded, minilm, prepared)
     np.testing.assert_allclose(out, forward_each_alone(worker, minilm, prepared), atol=2e-5)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the native kernels are built on Linux")
+def test_packed_shards_keep_every_vector_in_its_row(worker, minilm):
+    # Packed, the shards hold items in any order (largest first); the rows must come back in the
+    # batch's order with the padded forward's vectors.
+    rng = random.Random(7)
+    texts = [" ".join(["passage"] * rng.choice([1, 4, 30, 120, 250])) + f" #{i}" for i in range(23)]
+    prepared = [minilm.prepare(EmbedItem(text=t)) for t in texts]
+    sharded = worker.call(ShardedForward, 2)
+    padded = worker.call(sharded, minilm, prepared)
+    worker.call(sharded.adopt, minilm)
+    try:
+        assert sharded.packs(minilm)
+        packed = worker.call(sharded, minilm, prepared)
+    finally:
+        minilm.packed = False
+    np.testing.assert_allclose(packed, padded, atol=1e-5)
+
+
+def test_packing_is_off_when_configured_off_or_with_shape_buckets(worker, minilm):
+    from tkr_embed.engine.shapes import ShapeBuckets
+
+    off = worker.call(lambda: ShardedForward(2, pack=False))
+    worker.call(off.adopt, minilm)
+    assert not off.packs(minilm)
+    # Shape buckets exist to pad to a few shapes (CUDA): a packed batch has no shape to pad.
+    assert worker.call(lambda: ShardedForward(1, ShapeBuckets(64), pack=True)).pack is False
 
 
 def test_sharded_qwen2_vl_with_images_matches_each_item_alone(worker, tiny):

@@ -90,7 +90,7 @@ def test_fused_attention_rejects_what_it_cannot_run(worker):
 
 
 def test_native_kernels_stay_off_when_asked_or_built_for_another_mlx(worker, monkeypatch, tmp_path):
-    load = native.bert_attention.__wrapped__  # the uncached loader
+    load = native.attention_module.__wrapped__  # the uncached loader
     monkeypatch.setenv("TKR_EMBED_NATIVE", "0")
     assert worker.call(load) is None
     monkeypatch.delenv("TKR_EMBED_NATIVE")
@@ -113,3 +113,65 @@ def test_setup_rebuilds_only_for_another_mlx(worker, monkeypatch, tmp_path):
     stamp.write_text("0.0.1\n")
     monkeypatch.setattr(build, "version_stamp", lambda module: stamp)
     assert worker.call(build.up_to_date) is None
+
+
+# Packed sequences (rows end to end, no padding): lengths with one token, one spanning two query
+# blocks (300 tokens at 4 heads x 16: 218 rows per block), none a multiple of the 8-lane loop.
+PACKED_CASES = [
+    (12, 32, [1, 64, 9, 40]),
+    (4, 16, [300, 123, 7]),
+    (2, 8, [13]),
+]
+
+
+@pytest.mark.parametrize("H,D,lengths", PACKED_CASES)
+def test_packed_attention_matches_each_sequence_alone(worker, H, D, lengths):
+    def run():
+        import mlx.core as mx
+
+        rng = np.random.default_rng(sum(lengths))
+        T = sum(lengths)
+        q, k, v = (mx.array(rng.standard_normal((T, H * D)).astype(np.float32) * 2) for _ in range(3))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        scale = D ** -0.5
+        with mx.stream(mx.new_stream(mx.cpu)):
+            ours = native.bert_attention_packed()(q, k, v, mx.array(offsets), heads=H, scale=scale)
+        refs = [_reference(q[None, a:b], k[None, a:b], v[None, a:b], None, H, scale)[0]
+                for a, b in zip(offsets, offsets[1:])]
+        return np.array(ours), np.array(mx.concatenate(refs))
+
+    ours, ref = worker.call(run)
+    assert np.isfinite(ours).all()
+    # Each sequence attends to its own rows only: a leak across a boundary would move these.
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_attention_rejects_what_it_cannot_run_and_clamps_offsets(worker):
+    def run():
+        import mlx.core as mx
+
+        packed = native.bert_attention_packed()
+        x = mx.zeros((5, 8))
+        ok = mx.array(np.array([0, 2, 5], np.int32))
+        errors = []
+        for args, kw in [((x.astype(mx.float16),) * 3 + (ok,), {"heads": 2, "scale": 1.0}),
+                         ((x[None], x[None], x[None], ok), {"heads": 2, "scale": 1.0}),
+                         ((x, x, x, ok), {"heads": 3, "scale": 1.0}),
+                         ((x, x, x, ok.astype(mx.float32)), {"heads": 2, "scale": 1.0})]:
+            with pytest.raises(ValueError) as info:
+                packed(*args, **kw)
+            errors.append(str(info.value))
+        # Offsets past the rows are data the kernel reads on a stream's thread, where an exception
+        # would end the process: they are clamped to the rows instead.
+        rng = np.random.default_rng(1)
+        y = mx.array(rng.standard_normal((5, 8)).astype(np.float32))
+        wild = packed(y, y, y, mx.array(np.array([0, 2, 99], np.int32)), heads=2, scale=1.0)
+        good = packed(y, y, y, ok, heads=2, scale=1.0)
+        return errors, np.array(wild), np.array(good)
+
+    errors, wild, good = worker.call(run)
+    assert "float32" in errors[0]
+    assert "[tokens, heads * head_dim]" in errors[1]
+    assert "heads must divide" in errors[2]
+    assert "int32 [sequences + 1]" in errors[3]
+    np.testing.assert_array_equal(wild, good)

@@ -16,12 +16,24 @@ import orjson
 WORDS = ("latency throughput cache batching vector search local embedding server model token image "
          "query passage retrieval agent memory index quantisation kernel").split()
 
-TEXT_CASES = ("short", "long", "cache", "mix")
+TEXT_CASES = ("short", "long", "cache", "mix", "ingest")
 IMAGE_CASES = ("image", "fused")
 ALL_CASES = TEXT_CASES + IMAGE_CASES
 
 SHORT_WORDS = 12    # ~22 tokens with MiniLM's specials
 LONG_WORDS = 180    # ~200 tokens: near MiniLM's 256-token window
+# `ingest`: one request carries a batch of documents, as a RAG pipeline's embed_documents sends
+# them: 32 texts of 4 to 190 words each (~15 to ~250 tokens), every request a different mix.
+INGEST_TEXTS = 32
+
+
+def items_per_request(case: str) -> int:
+    return INGEST_TEXTS if case == "ingest" else 1
+
+
+def ingest_words(i: int, k: int) -> int:
+    """Words in text k of ingest request i: spread evenly over 4..190 by a multiplicative hash."""
+    return 4 + ((i * INGEST_TEXTS + k) * 2654435761 % 2**32) % 187
 
 
 def make_text(i: int, words: int) -> str:
@@ -60,8 +72,8 @@ def build_case(case: str, path: str, model: str, image_side: int = 128) -> Calla
     """request(i) -> (path, JSON body) for request number i of the case."""
     images = ImageMaker(image_side) if case in IMAGE_CASES else None
 
-    def body(inp) -> tuple[str, bytes]:
-        return path, orjson.dumps({"input": [inp], "model": model})
+    def body(inp, many: bool = False) -> tuple[str, bytes]:
+        return path, orjson.dumps({"input": inp if many else [inp], "model": model})
 
     def one(kind: str, i: int):
         if kind == "short":
@@ -72,6 +84,8 @@ def build_case(case: str, path: str, model: str, image_side: int = 128) -> Calla
             return body(make_text(-1, SHORT_WORDS))
         if kind == "image":
             return body([_image_part(images.data_uri(i))])
+        if kind == "ingest":
+            return body([make_text(i * INGEST_TEXTS + k, ingest_words(i, k)) for k in range(INGEST_TEXTS)], many=True)
         if kind == "fused":
             return body([{"type": "text", "text": make_text(i, SHORT_WORDS)}, _image_part(images.data_uri(i))])
         raise ValueError(f"unknown case {kind!r}")

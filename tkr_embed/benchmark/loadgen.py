@@ -23,7 +23,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from .cases import build_case
+from .cases import build_case, items_per_request
 
 
 class HTTPError(Exception):
@@ -216,7 +216,7 @@ def run_split_level(args: argparse.Namespace, concurrency: int) -> dict:
 
     n = min(args.processes, concurrency)
     if n == 1:
-        return _one_level(args, concurrency)
+        return _with_items(_one_level(args, concurrency), args.case)
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(n), ctx.Queue()
     shares = [concurrency // n + (1 if i < concurrency % n else 0) for i in range(n)]
@@ -226,7 +226,14 @@ def run_split_level(args: argparse.Namespace, concurrency: int) -> dict:
     parts = [results.get() for _ in procs]
     for p in procs:
         p.join()
-    return merge_levels(parts)
+    return _with_items(merge_levels(parts), args.case)
+
+
+def _with_items(level: dict, case: str) -> dict:
+    """Items (vectors) per second beside requests: the `ingest` case sends many per request."""
+    level["items_per_request"] = items_per_request(case)
+    level["items_per_s"] = round(level["requests_per_s"] * level["items_per_request"], 1)
+    return level
 
 
 def _build(case: str, path: str, model: str, image_side: int, numbers: range) -> list[tuple[str, bytes]]:

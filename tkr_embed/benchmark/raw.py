@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable
 
-from .cases import LONG_WORDS, SHORT_WORDS, ImageMaker, make_text
+from .cases import INGEST_TEXTS, LONG_WORDS, SHORT_WORDS, ImageMaker, ingest_words, make_text
 
 
 def case_inputs(case: str, n: int, image_side: int = 128) -> list[tuple[str | None, bytes | None]]:
@@ -31,6 +31,8 @@ def case_inputs(case: str, n: int, image_side: int = 128) -> list[tuple[str | No
         return [(make_text(i, SHORT_WORDS), None) for i in ids]
     if case == "long":
         return [(make_text(i, LONG_WORDS), None) for i in ids]
+    if case == "ingest":  # the documents of ingest requests, as the server's batcher meets them
+        return [(make_text(i, ingest_words(i // INGEST_TEXTS, i % INGEST_TEXTS)), None) for i in ids]
     if case == "image":
         return [(None, png(i)) for i in ids]
     if case == "fused":
@@ -98,6 +100,7 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
         print(f"batch {b}: {row}", file=sys.stderr, flush=True)
     return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(),
             "cpu_shards": sharded.shards, "compiled": bool(getattr(emb, "compiled", False)),
+            "packed_sequences": sharded.packs(emb),
             "cpu_buffer_cache_mb": worker.cpu_buffer_cache_mb,
             "results": rows}
 
@@ -122,7 +125,7 @@ def torch_forward(model: str, case: str, batches: list[int], seconds: float, dev
         make = lambda data: ref.inputs([(t or "", [Image.open(io.BytesIO(p)).convert("RGB")] if p else [], None)  # noqa: E731
                                         for t, p in data])
     else:
-        if case not in ("short", "long"):
+        if case not in ("short", "long", "ingest"):
             raise SystemExit(f"{arch} is a text model: no {case} case")
         ref = SentenceTransformerReference(path)
         ref.model.to(device)

@@ -23,7 +23,8 @@ def tables(result: dict) -> str:
                 cells = [f"**{x['items_per_s']}**" if x["batch"] == best else str(x["items_per_s"]) for x in r["results"]]
                 out.append(f"| {case} | {system} | " + " | ".join(cells) + " |")
         out.append("\nitems/s.\n")
-    out.append("Servers (requests/s, one item each; p50 / p99 ms; ratio to the raw MLX engine's best batch):\n")
+    out.append("Servers (requests/s, one item each but `ingest`'s 32; p50 / p99 ms; ratio to the raw MLX "
+               "engine's best batch):\n")
     levels = result["concurrency"]
     out.append("| case | server | " + " | ".join(f"{c} clients" for c in levels) + " |")
     out.append("|---|---|" + "---|" * len(levels))
@@ -33,7 +34,9 @@ def tables(result: dict) -> str:
             for r in rows:
                 ratio = f", {r['ratio_to_engine']:.2f}x" if r.get("ratio_to_engine") is not None else ""
                 err = f", {r['errors']} errors" if r["errors"] else ""
-                cells.append(f"{r['requests_per_s']} ({r['p50_ms']} / {r['p99_ms']}{ratio}{err})")
+                per = r.get("items_per_request", 1)
+                items = f" = {r['items_per_s']} items/s" if per > 1 else ""
+                cells.append(f"{r['requests_per_s']}{items} ({r['p50_ms']} / {r['p99_ms']}{ratio}{err})")
             out.append(f"| {case} | {system} | " + " | ".join(cells) + " |")
     if result.get("summary"):
         out.append("\ntkr-embed / peer, requests/s at each concurrency:\n")

@@ -39,7 +39,7 @@ from .cases import IMAGE_CASES, TEXT_CASES
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("tkr-embed", "infinity", "mlx-vlm")
 RAW = ("mlx-engine", "torch")
-RAW_CASES = ("short", "long", "image", "fused")  # cache and mix have no single-batch ceiling
+RAW_CASES = ("short", "long", "ingest", "image", "fused")  # cache and mix have no single-batch ceiling
 
 
 @dataclass
@@ -200,7 +200,7 @@ def summarize(result: dict) -> dict:
                 continue
             for lv in levels:
                 if engine:
-                    lv["ratio_to_engine"] = round(lv["requests_per_s"] / engine, 3)
+                    lv["ratio_to_engine"] = round(lv.get("items_per_s", lv["requests_per_s"]) / engine, 3)
         tkr = per_system.get("tkr-embed")
         if isinstance(tkr, list):
             for peer in ("infinity", "mlx-vlm"):
@@ -312,7 +312,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--systems", nargs="*", choices=SERVERS, default=list(SERVERS))
     ap.add_argument("--raw", nargs="*", choices=RAW, default=list(RAW), help="raw ceilings to measure")
     ap.add_argument("--raw-from", help="start from the raw ceilings of an earlier result JSON (same machine)")
-    ap.add_argument("--cases", nargs="+", default=["short", "long", "cache", "mix", "image", "fused"],
+    ap.add_argument("--cases", nargs="+", default=["short", "long", "cache", "mix", "ingest", "image", "fused"],
                     choices=TEXT_CASES + IMAGE_CASES)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--duration", type=float, default=10, help="seconds per concurrency level")

@@ -8,8 +8,11 @@ repeated rows (29 images of 278 tokens fit 8192 but ran as 32 x 320 = 10,240). T
 waiting item is always in the next batch (nothing starves); the rest are its neighbours in
 length order, chosen to add the least padding, and never so many that real / padded tokens fall
 below `min_padding_efficiency`: queries and long passages waiting together run as two batches
-rather than one where every query pads to a passage's length. While the worker runs one batch, new
-arrivals queue up and form the next one, so batches grow with load without any fixed wait.
+rather than one where every query pads to a passage's length. Where the model runs packed
+sequences (no padding: models/packed_bert.py), a batch costs its real tokens and lengths mix
+freely: the batch is then the oldest waiting items that fit, in arrival order. While the worker
+runs one batch, new arrivals queue up and form the next one, so batches grow with load without
+any fixed wait.
 """
 
 from __future__ import annotations
@@ -97,13 +100,30 @@ def plan_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_i
     return [order[k] for k in range(lo, hi + 1)]
 
 
+def plan_packed_batch(costs: Sequence[int], seqs: Sequence[int], max_tokens: int, max_items: int) -> list[int]:
+    """Choose indices (into costs) for the next packed batch: the oldest entry, then the others in
+    arrival order, each that still fits max_tokens real tokens, up to max_items."""
+    chosen: list[int] = []
+    total = 0
+    for i in sorted(range(len(costs)), key=seqs.__getitem__):
+        if len(chosen) == max_items:
+            break
+        if not chosen or total + costs[i] <= max_tokens:
+            chosen.append(i)
+            total += costs[i]
+    return chosen
+
+
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch_tokens: int, max_batch_items: int,
                  max_queue_items: int, retry_after_seconds: int = 1,
                  on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0,
-                 padded_tokens: PaddedTokens = unpadded_shape):
+                 padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False):
+        """padded_tokens: the shape the device runs a padded batch as; packed: batches run as
+        packed sequences (the budget counts real tokens, padded_tokens is not used)."""
         self._run_batch = run_batch
         self._padded = padded_tokens
+        self.packed = packed
         self._on_batch = on_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
@@ -164,9 +184,12 @@ class Batcher:
         if not live:
             self._pending = []
             return []
-        chosen = plan_batch([e.prepared.cost for e in live], [e.seq for e in live],
-                            self.max_batch_tokens, self.max_batch_items, self.min_padding_efficiency,
-                            self._padded)
+        costs, seqs = [e.prepared.cost for e in live], [e.seq for e in live]
+        if self.packed:
+            chosen = plan_packed_batch(costs, seqs, self.max_batch_tokens, self.max_batch_items)
+        else:
+            chosen = plan_batch(costs, seqs, self.max_batch_tokens, self.max_batch_items,
+                                self.min_padding_efficiency, self._padded)
         picked = set(chosen)
         self._pending = [e for i, e in enumerate(live) if i not in picked]
         return [live[i] for i in chosen]
@@ -201,8 +224,9 @@ class Batcher:
         self.recent_batch_sizes.append(len(batch))
         if self._on_batch is not None:
             self._on_batch(len(batch))
-        self.real_tokens += sum(p.cost for p in prepared)
-        self.padded_tokens += self._padded(len(prepared), max(p.cost for p in prepared))
+        real = sum(p.cost for p in prepared)
+        self.real_tokens += real
+        self.padded_tokens += real if self.packed else self._padded(len(prepared), max(p.cost for p in prepared))
         for e, vec in zip(batch, vectors):
             if not e.future.done():
                 e.future.set_result(vec)
@@ -212,6 +236,7 @@ class Batcher:
             "max_batch_tokens": self.max_batch_tokens,
             "max_batch_items": self.max_batch_items,
             "min_padding_efficiency": self.min_padding_efficiency,
+            "packed": self.packed,  # batches run as packed sequences: the budget counts real tokens
             "max_queue_items": self.max_queue_items,
             "queue_depth": self.depth,
             "batches_run": self.batches_run,

@@ -123,7 +123,8 @@ class EmbeddingService:
             self.worker.start()
             e = self.settings.engine
             self.sharded = await self.worker.submit(make_sharded_forward, e.cpu_shards, e.shape_buckets,
-                                                    e.max_batch_items, e.compile, e.length_buckets)
+                                                    e.max_batch_items, e.compile, e.length_buckets,
+                                                    e.pack_sequences)
         else:
             self.sharded = self._shared_with.sharded
         self.loaded, self.memory_bytes = await self.worker.submit(
@@ -140,7 +141,8 @@ class EmbeddingService:
         padded = self.sharded.padded_tokens(emb.max_tokens)
         self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
-                               min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded)
+                               min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded,
+                               packed=self.sharded.packs(emb))
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request
         # (one item per shard, so every CPU stream has run once).
@@ -302,6 +304,7 @@ class EmbeddingService:
         return {"describe": emb.describe(),
                 "cpu_shards": self.sharded.shards,  # CPU streams each batch is split across
                 "shape_buckets": self.sharded.buckets is not None,  # batches padded to bucketed shapes
+                "packed_sequences": self.sharded.packs(emb),  # batches run unpadded (models/packed_bert.py)
                 "compiled": bool(getattr(emb, "compiled", False)),  # the decoder runs mx.compile'd
                 # MiB of freed buffers MLX keeps for reuse on the CPU backend (None: MLX's own limit)
                 "cpu_buffer_cache_mb": self.worker.cpu_buffer_cache_mb}

@@ -8,8 +8,11 @@ core busy on independent work. On 2 cores with MiniLM this and the polynomial op
 models/fast_ops.py took the raw forward from 77 to 211 texts/s on short texts and from 5.1 to
 12.5 on 252-token ones (docs/benchmarks.md, "The CPU fast path, part by part").
 
-Items are sorted by length before splitting, so each shard pads only to its own longest item. A
-batch that does not split (one item) runs whole, its matmuls on a BLAS thread per core meanwhile.
+Items are sorted by length before splitting, so each shard pads only to its own longest item.
+Where the model runs packed sequences (models/packed_bert.py: BERT-family text encoders), there is
+no padding to avoid, and the shards get equal shares of the batch's work instead, whatever the mix
+of lengths. A batch that does not split (one item) runs whole, its matmuls on a BLAS thread per
+core meanwhile.
 GPU backends keep one shard: the device already runs the whole batch in parallel; on CUDA the
 batch is padded to a bucketed shape instead (engine/shapes.py).
 """
@@ -77,17 +80,39 @@ def split_by_cost(costs: Sequence[int], shards: int) -> list[list[int]]:
     return [[order[i] for i in range(s, e)] for s, e in pack(lo)]
 
 
+def sequence_work(tokens: int, hidden: int) -> float:
+    """A BERT layer's work for one sequence, in units of one token's projections and feed-forward
+    block (~12 hidden^2 multiply-adds); attention adds ~2 x tokens x hidden per token, so a
+    sequence's share grows with its length: 1 + tokens / (6 hidden)."""
+    return tokens * (1.0 + tokens / (6.0 * hidden))
+
+
+def split_by_work(work: Sequence[float], shards: int) -> list[list[int]]:
+    """Indices of the items in at most `shards` groups of near-equal total work (packed batches,
+    where an item costs its own tokens only): largest first, each to the least loaded group."""
+    loads = [0.0] * min(shards, len(work))
+    groups: list[list[int]] = [[] for _ in loads]
+    for i in sorted(range(len(work)), key=work.__getitem__, reverse=True):
+        g = min(range(len(loads)), key=loads.__getitem__)
+        groups[g].append(i)
+        loads[g] += work[i]
+    return [g for g in groups if g]
+
+
 class ShardedForward:
     """The engine's forward pass: split across CPU streams, or padded to a bucketed shape.
     Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
     def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False,
-                 on_cpu: bool = True):
+                 on_cpu: bool = True, pack: bool = True):
         import mlx.core as mx
 
         self.shards = shards
         self.buckets = buckets
         self.compile = compile  # models that support it run their decoder mx.compile'd (adopt)
+        # models that support it run packed sequences (adopt); never with shape buckets, whose
+        # point is a padded shape
+        self.pack = pack and buckets is None
         self.on_cpu = on_cpu  # MLX computes on its CPU backend
         self._streams: list = []
         if shards > 1:
@@ -98,9 +123,19 @@ class ShardedForward:
 
     def adopt(self, embedder: Embedder) -> None:
         """Set a freshly loaded embedder up for these forward passes: its decoder and vision
-        blocks compiled where engine.compile says so and the model supports it (Qwen2-VL)."""
+        blocks compiled where engine.compile says so and the model supports it (Qwen2-VL); its
+        batches packed where engine.pack_sequences says so and the model can (BERT on the CPU)."""
         if self.compile and hasattr(embedder, "use_compiled_graphs"):
             embedder.use_compiled_graphs()
+        if self.pack and hasattr(embedder, "use_packed_sequences"):
+            if embedder.use_packed_sequences():
+                log.info("batches run as packed sequences, no padding (engine.pack_sequences)")
+
+    @staticmethod
+    def packs(embedder: Embedder) -> bool:
+        """Whether this (adopted) embedder runs its batches packed: a batch then costs its real
+        tokens, which is what the batcher's budget should count."""
+        return bool(getattr(embedder, "packed", False))
 
     def padded_tokens(self, max_tokens: int) -> PaddedTokens:
         """(items, longest cost) -> tokens the device computes for such a batch: the batcher's
@@ -118,7 +153,10 @@ class ShardedForward:
             return embedder.forward(padded, length)[: len(batch)]
         if self.shards == 1:
             return embedder.forward(batch)
-        runs = split_by_cost([p.cost for p in batch], self.shards)
+        if self.packs(embedder):
+            runs = split_by_work([sequence_work(p.cost, embedder.dimension) for p in batch], self.shards)
+        else:
+            runs = split_by_cost([p.cost for p in batch], self.shards)
         if len(runs) == 1:  # one item (or one run): nothing to split, so its matmuls use every core
             return self._whole(embedder, batch)
         outs = []
@@ -143,10 +181,11 @@ class ShardedForward:
 
 
 def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: int = 64,
-                         compile: str = "off", length_steps: int = STEPS_PER_OCTAVE) -> ShardedForward:
+                         compile: str = "off", length_steps: int = STEPS_PER_OCTAVE,
+                         pack: bool = True) -> ShardedForward:
     """Worker thread only (CPU streams exist only on the thread that made them).
     setting: engine.cpu_shards; shape_buckets, compile: engine.shape_buckets, engine.compile (auto|on|off);
-    length_steps: engine.length_buckets."""
+    length_steps: engine.length_buckets; pack: engine.pack_sequences."""
     import mlx.core as mx
 
     from ..models.quantize import on_cpu_backend
@@ -164,4 +203,4 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     compiled = resolve_compile(compile, on_cpu, cuda)
     if compiled:
         log.info("decoders traced with mx.compile per batch shape (engine.compile)")
-    return ShardedForward(shards, buckets, compiled, on_cpu)
+    return ShardedForward(shards, buckets, compiled, on_cpu, pack)

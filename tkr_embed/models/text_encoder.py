@@ -44,6 +44,7 @@ class TextEncoderEmbedder(EvaluatingForward):
         self.tokenizer.no_truncation()
         self.pad_id = int(config.get("pad_token_id", 0) or 0)
         self.fast_ops: list[str] = []  # ops swapped for multiply-add polynomials (CPU backend)
+        self.packed = False  # batches run as packed sequences, no padding (use_packed_sequences)
 
     @classmethod
     def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str,
@@ -82,12 +83,27 @@ class TextEncoderEmbedder(EvaluatingForward):
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def use_packed_sequences(self) -> bool:
+        """Run batches as packed sequences (models/packed_bert.py) where this model and backend
+        can; returns whether it does. Worker thread only (it checks the weights)."""
+        from .packed_bert import packable
+
+        self.packed = packable(self.model)
+        return self.packed
+
     def encode(self, batch: Sequence[Prepared], length: int | None = None):
         """The pooled vectors as a lazy MLX array (float32 [len(batch), dimension]); padding
-        tokens are masked, so `length` changes the shape, not the vectors."""
+        tokens are masked, so `length` changes the shape, not the vectors. Packed (no padding at
+        all) where use_packed_sequences turned it on and no length is asked for."""
         import mlx.core as mx
         from mlx_vlm.models.pooling import pool_by_config
 
+        if self.packed and length is None:
+            from .packed_bert import PackedBatch, encode_packed, unpack
+
+            packed = PackedBatch(batch)
+            hidden, mask = unpack(encode_packed(self.model, packed), packed)
+            return pool_by_config(hidden, mask, self.pooling_config).astype(mx.float32)
         length = max(length or 0, max(p.cost for p in batch))
         ids = np.full((len(batch), length), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(batch), length), dtype=np.int32)
@@ -103,4 +119,5 @@ class TextEncoderEmbedder(EvaluatingForward):
             "pooling": self.pooling_config,
             "checkpoint_normalizes": self.checkpoint_normalizes,
             "cpu_fast_ops": self.fast_ops,
+            "packed_sequences": self.packed,
         }

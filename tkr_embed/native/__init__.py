@@ -2,8 +2,10 @@
 (`python -m tkr_embed.native.build`, see build.py).
 
 They are optional: without them the same work runs as MLX ops (tkr_embed/models/fast_ops.py),
-about twice as slow in attention. Today there is one kernel, `bert_attention` (attention.cpp):
-BERT self-attention fused per block of query rows, which MLX's CPU backend lacks.
+about twice as slow in attention. Today there is one library, attention.cpp, with BERT
+self-attention fused per block of query rows, which MLX's CPU backend lacks: `bert_attention` on
+padded [batch, L, hidden] projections, `bert_attention_packed` on sequences packed end to end
+([tokens, hidden], no padding: models/packed_bert.py).
 
 A kernel built against one MLX version is not loaded under another (C++ ABI): the build writes the
 MLX version beside the library, and a mismatch means MLX ops until setup.sh runs again.
@@ -16,6 +18,7 @@ import logging
 import os
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,8 @@ def version_stamp(module: str) -> Path:
 
 
 @cache
-def bert_attention() -> Callable | None:
-    """The fused attention op, or None (not built, built for another MLX, or turned off)."""
+def attention_module() -> ModuleType | None:
+    """The built attention library, or None (not built, built for another MLX, or turned off)."""
     if os.environ.get("TKR_EMBED_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
         log.info("native CPU kernels off (TKR_EMBED_NATIVE)")
         return None
@@ -50,4 +53,16 @@ def bert_attention() -> Callable | None:
     except ImportError as exc:
         log.warning("native CPU attention did not load (%s); using MLX ops", exc)
         return None
-    return _attention.bert_attention
+    return _attention
+
+
+def bert_attention() -> Callable | None:
+    """The fused attention op on padded batches, or None (attention_module says why)."""
+    module = attention_module()
+    return None if module is None else module.bert_attention
+
+
+def bert_attention_packed() -> Callable | None:
+    """The fused attention op on packed sequences, or None."""
+    module = attention_module()
+    return None if module is None else module.bert_attention_packed

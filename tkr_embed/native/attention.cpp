@@ -17,6 +17,7 @@
 #include <cstring>
 #include <optional>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -150,6 +151,37 @@ int query_block(int L) {
   return std::clamp(budget, 16, 256);
 }
 
+// One sequence: `rows` query rows against its first `keys` keys and values, every head, in the
+// merged-heads layout (row stride HD). scores holds QB x keys floats, inv_sum QB.
+void attend_sequence(const float* q, const float* k, const float* v, const float* mask, float* out,
+                     int rows_total, int keys, int H, int D, float scale, int QB, float* scores,
+                     float* inv_sum) {
+  const int HD = H * D;
+  for (int h = 0; h < H; ++h) {
+    const float* kh = k + h * D;
+    const float* vh = v + h * D;
+    for (int i0 = 0; i0 < rows_total; i0 += QB) {
+      const int rows = std::min(QB, rows_total - i0);
+      const float* qh = q + static_cast<size_t>(i0) * HD + h * D;
+      float* oh = out + static_cast<size_t>(i0) * HD + h * D;
+      // scores = scale * q_h k_h^T for this block of query rows
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, D, scale, qh, HD, kh, HD,
+                  0.0f, scores, keys);
+      for (int r = 0; r < rows; ++r)
+        inv_sum[r] = 1.0f / softmax_numerator_row(scores + static_cast<size_t>(r) * keys, mask, keys);
+      // out_h = weights v_h, written into the merged-heads layout, then normalised per row
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, keys, 1.0f, scores, keys, vh,
+                  HD, 0.0f, oh, HD);
+      for (int r = 0; r < rows; ++r) {
+        float* o = oh + static_cast<size_t>(r) * HD;
+        const float s = inv_sum[r];
+        for (int d = 0; d < D; ++d) o[d] *= s;
+      }
+    }
+  }
+}
+
+// Padded batch: [B, L, HD], an additive key mask [B, L] or none.
 void attention_kernel(const float* q, const float* k, const float* v, const float* mask, float* out,
                       int B, int L, int H, int D, float scale) {
   const int HD = H * D;
@@ -163,29 +195,37 @@ void attention_kernel(const float* q, const float* k, const float* v, const floa
     // each add ~1e-38 of weight: leave them out of both matmuls.
     int keys = L;
     while (item_mask && keys > 1 && item_mask[keys - 1] < kPaddingBelow) --keys;
-    for (int h = 0; h < H; ++h) {
-      const float* kh = k + item + h * D;
-      const float* vh = v + item + h * D;
-      for (int i0 = 0; i0 < L; i0 += QB) {
-        const int rows = std::min(QB, L - i0);
-        const float* qh = q + item + static_cast<size_t>(i0) * HD + h * D;
-        float* oh = out + item + static_cast<size_t>(i0) * HD + h * D;
-        // scores = scale * q_h k_h^T for this block of query rows
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, D, scale, qh, HD, kh, HD,
-                    0.0f, scores.data(), keys);
-        for (int r = 0; r < rows; ++r)
-          inv_sum[r] = 1.0f / softmax_numerator_row(scores.data() + static_cast<size_t>(r) * keys,
-                                                    item_mask, keys);
-        // out_h = weights v_h, written into the merged-heads layout, then normalised per row
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, keys, 1.0f, scores.data(),
-                    keys, vh, HD, 0.0f, oh, HD);
-        for (int r = 0; r < rows; ++r) {
-          float* o = oh + static_cast<size_t>(r) * HD;
-          const float s = inv_sum[r];
-          for (int d = 0; d < D; ++d) o[d] *= s;
-        }
-      }
-    }
+    attend_sequence(q + item, k + item, v + item, item_mask, out + item, L, keys, H, D, scale, QB,
+                    scores.data(), inv_sum.data());
+  }
+}
+
+// Packed sequences: [T, HD], sequence b's tokens at rows offsets[b] .. offsets[b + 1] (no padding
+// anywhere: each sequence attends to its own tokens only).
+// The offsets are data, read when the graph runs on a stream's thread, where an exception could
+// not reach the caller: a sequence is clamped to the T rows (the Python side checks them first).
+void packed_attention_kernel(const float* q, const float* k, const float* v, const int32_t* offsets,
+                             float* out, int B, int T, int H, int D, float scale) {
+  const int HD = H * D;
+  auto bounds = [&](int b) {
+    const int lo = std::clamp(offsets[b], 0, T);
+    return std::make_pair(lo, std::clamp(offsets[b + 1], lo, T));
+  };
+  int longest = 1;
+  for (int b = 0; b < B; ++b) {
+    const auto [lo, hi] = bounds(b);
+    longest = std::max(longest, hi - lo);
+  }
+  const int QB = std::min(query_block(longest), longest);
+  std::vector<float> scores(static_cast<size_t>(QB) * longest);
+  std::vector<float> inv_sum(QB);
+  for (int b = 0; b < B; ++b) {
+    const auto [lo, hi] = bounds(b);
+    const int n = hi - lo;
+    if (n <= 0) continue;
+    const size_t start = static_cast<size_t>(lo) * HD;
+    attend_sequence(q + start, k + start, v + start, nullptr, out + start, n, n, H, D, scale,
+                    std::min(QB, n), scores.data(), inv_sum.data());
   }
 }
 
@@ -231,6 +271,49 @@ class BertAttention : public mx::UnaryPrimitive {
   bool masked_;
 };
 
+class PackedBertAttention : public mx::UnaryPrimitive {
+ public:
+  PackedBertAttention(mx::Stream stream, int heads, float scale)
+      : mx::UnaryPrimitive(stream), heads_(heads), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& q = inputs[0];
+    const auto& k = inputs[1];
+    const auto& v = inputs[2];
+    const auto& offsets = inputs[3];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    const int B = static_cast<int>(offsets.size()) - 1, HD = q.shape(1), H = heads_, D = HD / H;
+    const int T = q.shape(0);
+    encoder.dispatch([qp = q.data<float>(), kp = k.data<float>(), vp = v.data<float>(),
+                      off = offsets.data<int32_t>(), op = out.data<float>(), B, T, H, D,
+                      scale = scale_]() {
+      packed_attention_kernel(qp, kp, vp, off, op, B, T, H, D, scale);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("tkr_embed bert_attention_packed runs on the CPU backend only");
+  }
+
+  const char* name() const override { return "TkrPackedBertAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const PackedBertAttention&>(other);
+    return heads_ == o.heads_ && scale_ == o.scale_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  int heads_;
+  float scale_;
+};
+
 mx::array bert_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                          const std::optional<mx::array>& mask, int heads, float scale) {
   if (q.ndim() != 3 || k.shape() != q.shape() || v.shape() != q.shape())
@@ -255,6 +338,26 @@ mx::array bert_attention(const mx::array& q, const mx::array& k, const mx::array
                    std::move(inputs));
 }
 
+
+mx::array bert_attention_packed(const mx::array& q, const mx::array& k, const mx::array& v,
+                                const mx::array& offsets, int heads, float scale) {
+  if (q.ndim() != 2 || k.shape() != q.shape() || v.shape() != q.shape())
+    throw std::invalid_argument("bert_attention_packed: q, k, v must all be [tokens, heads * head_dim]");
+  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
+    throw std::invalid_argument("bert_attention_packed: float32 only");
+  if (heads <= 0 || q.shape(1) % heads != 0)
+    throw std::invalid_argument("bert_attention_packed: heads must divide the hidden size");
+  if (offsets.ndim() != 1 || offsets.size() < 2 || offsets.dtype() != mx::int32)
+    throw std::invalid_argument("bert_attention_packed: offsets must be int32 [sequences + 1]");
+  const auto s = mx::to_stream({});
+  if (s.device != mx::Device::cpu)
+    throw std::invalid_argument("bert_attention_packed: the CPU backend only");
+  std::vector<mx::array> inputs = {mx::contiguous(q, false, s), mx::contiguous(k, false, s),
+                                   mx::contiguous(v, false, s), mx::contiguous(offsets, false, s)};
+  return mx::array(q.shape(), mx::float32, std::make_shared<PackedBertAttention>(s, heads, scale),
+                   std::move(inputs));
+}
+
 }  // namespace
 
 NB_MODULE(_attention, m) {
@@ -263,4 +366,9 @@ NB_MODULE(_attention, m) {
         nb::arg("mask").none() = nb::none(), nb::arg("heads"), nb::arg("scale"),
         "softmax(scale * q k^T + mask) v per head, on [batch, L, heads * head_dim] projections; "
         "mask is additive, one value per key ([batch, L]). Returns [batch, L, heads * head_dim].");
+  m.def("bert_attention_packed", &bert_attention_packed, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("offsets"), nb::arg("heads"), nb::arg("scale"),
+        "softmax(scale * q k^T) v per head and per sequence, on packed [tokens, heads * head_dim] "
+        "projections: sequence b is rows offsets[b] .. offsets[b + 1] and attends to those only. "
+        "Returns [tokens, heads * head_dim].");
 }
