@@ -67,9 +67,11 @@ def test_packing_stays_off_where_it_cannot_run(worker, monkeypatch, tiny):
     from tkr_embed import native
 
     def check():
+        import mlx.core as mx
+
         emb = load_embedder(resolve_model_dir(MINILM_SPEC), "none").embedder
         can = packable(emb.model)
-        emb.model.set_dtype(__import__("mlx.core").core.float16)  # the native kernels are float32 only
+        emb.model.set_dtype(mx.float16)  # the native kernels are float32 only
         half = packable(emb.model)
         return can, half, packable(tiny.model), hasattr(tiny, "use_packed_sequences")
 

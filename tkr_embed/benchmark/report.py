@@ -39,7 +39,7 @@ def tables(result: dict) -> str:
                 cells.append(f"{r['requests_per_s']}{items} ({r['p50_ms']} / {r['p99_ms']}{ratio}{err})")
             out.append(f"| {case} | {system} | " + " | ".join(cells) + " |")
     if result.get("summary"):
-        out.append("\ntkr-embed / peer, requests/s at each concurrency:\n")
+        out.append("\ntkr-embed / peer, items/s at each concurrency:\n")
         out.append("| case | pair | " + " | ".join(f"{c}" for c in levels) + " |")
         out.append("|---|---|" + "---|" * len(levels))
         for case, pairs in result["summary"].items():
