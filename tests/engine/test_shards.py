@@ -143,6 +143,25 @@ def test_packed_shards_keep_every_vector_in_its_row(worker, minilm):
     np.testing.assert_allclose(packed, padded, atol=1e-5)
 
 
+@pytest.mark.skipif("openblas" not in os.environ.get("LD_PRELOAD", ""), reason="needs OpenBLAS preloaded")
+@pytest.mark.skipif(platform.system() != "Linux", reason="the native kernels are built on Linux")
+def test_a_packed_batch_dominated_by_one_text_runs_whole(worker, minilm):
+    # One passage and one query: split, one stream would hold 92% of the work and the other idle.
+    long, short = (minilm.prepare(EmbedItem(text=t)) for t in ("a long passage " * 80, "a query"))
+    sharded = worker.call(ShardedForward, 2)
+    worker.call(sharded.adopt, minilm)
+    wholes = []
+    whole = sharded._whole
+    sharded._whole = lambda emb, batch: (wholes.append(len(batch)), whole(emb, batch))[1]
+    try:
+        out = worker.call(sharded, minilm, [long, short])
+        worker.call(sharded, minilm, [long, long])  # two equal passages still split
+    finally:
+        minilm.packed = False
+    assert wholes == [2]
+    np.testing.assert_allclose(out, forward_each_alone(worker, minilm, [long, short]), atol=2e-5)
+
+
 def test_packing_is_off_when_configured_off_or_with_shape_buckets(worker, minilm):
     from tkr_embed.engine.shapes import ShapeBuckets
 

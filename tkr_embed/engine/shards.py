@@ -11,8 +11,8 @@ models/fast_ops.py took the raw forward from 77 to 211 texts/s on short texts an
 Items are sorted by length before splitting, so each shard pads only to its own longest item.
 Where the model runs packed sequences (models/packed_bert.py: BERT-family text encoders), there is
 no padding to avoid, and the shards get equal shares of the batch's work instead, whatever the mix
-of lengths. A batch that does not split (one item) runs whole, its matmuls on a BLAS thread per
-core meanwhile.
+of lengths. A batch that does not split (one item, or one long text that would leave the other
+streams idle) runs whole, its matmuls on a BLAS thread per core meanwhile.
 GPU backends keep one shard: the device already runs the whole batch in parallel; on CUDA the
 batch is padded to a bucketed shape instead (engine/shapes.py).
 """
@@ -78,6 +78,15 @@ def split_by_cost(costs: Sequence[int], shards: int) -> list[list[int]]:
         else:
             lo = mid + 1
     return [[order[i] for i in range(s, e)] for s, e in pack(lo)]
+
+
+# A packed batch whose busiest stream would hold more than this share of the work runs whole
+# instead, its matmuls on a BLAS thread per core (bench/whole_or_split.py, MiniLM, 2 cores,
+# medians of 15 forwards in three rounds, docs/bench/packed/whole-or-split.txt): one 252-token
+# text with one short text (a 0.91 share) 68-94 ms whole against 96-113 split; with three short
+# texts (0.78) either way within noise, 87-107 against 92-118; two long texts (0.50) split
+# 118-138 against 127-156.
+WHOLE_ABOVE_SHARE = 0.85
 
 
 def sequence_work(tokens: int, hidden: int) -> float:
@@ -154,7 +163,10 @@ class ShardedForward:
         if self.shards == 1:
             return embedder.forward(batch)
         if self.packs(embedder):
-            runs = split_by_work([sequence_work(p.cost, embedder.dimension) for p in batch], self.shards)
+            work = [sequence_work(p.cost, embedder.dimension) for p in batch]
+            runs = split_by_work(work, self.shards)
+            if len(runs) > 1 and max(sum(work[i] for i in r) for r in runs) > WHOLE_ABOVE_SHARE * sum(work):
+                runs = [list(range(len(batch)))]
         else:
             runs = split_by_cost([p.cost for p in batch], self.shards)
         if len(runs) == 1:  # one item (or one run): nothing to split, so its matmuls use every core
