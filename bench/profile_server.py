@@ -104,6 +104,7 @@ def batcher_stats(url: str) -> dict:
     with urllib.request.urlopen(url + "/info", timeout=10) as r:
         info = json.loads(r.read())
     stats = info["batcher"]
+    stats["worker_busy_s"] = info.get("worker", {}).get("busy_seconds", 0.0)
     stats["frontend"] = info.get("frontends")  # several front ends: the one this request reached
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -142,7 +143,11 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     threads = sorted(((d[0], t) for t, d in deltas.items()), reverse=True)
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
-        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
+        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0,
+                    # handed to the worker while another ran (engine.queue_next_batch)
+                    "queued_next": batcher_after.get("batches_queued_next", 0) - batcher_before.get("batches_queued_next", 0)},
+        # Share of the span the MLX worker ran jobs: the rest it waited for the event loop or for work.
+        "worker_busy_share": round((batcher_after["worker_busy_s"] - batcher_before["worker_busy_s"]) / wall, 3),
         # Mean time a request spent inside the server (first byte in to last byte out), against
         # the clients' p50: the difference is spent in the network stack and the clients.
         "server_mean_ms": round(1000 * (batcher_after["http_seconds_sum"] - batcher_before["http_seconds_sum"])
