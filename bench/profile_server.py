@@ -143,9 +143,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     threads = sorted(((d[0], t) for t, d in deltas.items()), reverse=True)
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
-        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0,
-                    # handed to the worker while another ran (engine.queue_next_batch)
-                    "queued_next": batcher_after.get("batches_queued_next", 0) - batcher_before.get("batches_queued_next", 0)},
+        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
         # Share of the span the MLX worker ran jobs: the rest it waited for the event loop or for work.
         "worker_busy_share": round((batcher_after["worker_busy_s"] - batcher_before["worker_busy_s"]) / wall, 3),
         # Mean time a request spent inside the server (first byte in to last byte out), against

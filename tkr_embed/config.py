@@ -91,9 +91,6 @@ class EngineSettings(_Section):
     # (BERT-family text encoders on MLX's CPU backend with the native kernels: models/packed_bert.py).
     # Same vectors; mixed lengths no longer pad to the longest. false: always padded batches.
     pack_sequences: bool = True
-    # Hand the next batch to the MLX worker while one runs, once it is as large as the running one
-    # (or full), so the worker starts it without waiting for the event loop (engine/batcher.py).
-    queue_next_batch: bool = True
     retry_after_seconds: int = Field(1, ge=1)
 
     @field_validator("shape_buckets", "compile", mode="before")

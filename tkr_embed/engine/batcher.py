@@ -13,12 +13,6 @@ sequences (no padding: models/packed_bert.py), a batch costs its real tokens and
 freely: the batch is then the oldest waiting items that fit, in arrival order. While the worker
 runs one batch, new arrivals queue up and form the next one, so batches grow with load without
 any fixed wait.
-
-With `queue_next` (engine.queue_next_batch) the next batch goes to the worker's queue while one
-runs, as soon as it is as large as the running one or full by the limits: the worker then starts
-it the moment the running batch ends, instead of idling until the event loop hears of the end and
-hands it over (3-8% of the worker's time under 64 clients on 2 CPU cores). Handing over earlier
-than that would split the load into small batches: a batch taken early stops growing.
 """
 
 from __future__ import annotations
@@ -124,14 +118,10 @@ class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch_tokens: int, max_batch_items: int,
                  max_queue_items: int, retry_after_seconds: int = 1,
                  on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0,
-                 padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False,
-                 queue_next: bool = False):
+                 padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False):
         """padded_tokens: the shape the device runs a padded batch as; packed: batches run as
-        packed sequences (the budget counts real tokens, padded_tokens is not used); queue_next:
-        hand the next batch to the worker while one runs, once it is as large or full."""
+        packed sequences (the budget counts real tokens, padded_tokens is not used)."""
         self._run_batch = run_batch
-        self.queue_next = queue_next
-        self._in_flight: dict[asyncio.Task, int] = {}  # batches handed to the worker -> items
         self._padded = padded_tokens
         self.packed = packed
         self._on_batch = on_batch
@@ -149,7 +139,6 @@ class Batcher:
         self.batches_run = 0
         self.items_run = 0
         self.items_dropped = 0
-        self.batches_queued_next = 0  # handed over while another batch ran (queue_next)
         self.padded_tokens = 0
         self.real_tokens = 0
         self.recent_batch_sizes: deque[int] = deque(maxlen=256)
@@ -169,10 +158,6 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for task in list(self._in_flight):
-            task.cancel()
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
         for e in self._pending:
             if not e.future.done():
                 e.future.set_exception(RuntimeError("the server is shutting down"))
@@ -193,10 +178,7 @@ class Batcher:
         self._wakeup.set()
         return futures
 
-    def _take(self, running: int | None = None) -> list[_Entry]:
-        """The next batch, taken off the queue. running: the items of the batch the worker is
-        running; then only a batch at least that large, or one the limits cut short, is taken
-        (else [] and the queue keeps growing)."""
+    def _take(self) -> list[_Entry]:
         live = [e for e in self._pending if not e.future.done()]
         self.items_dropped += len(self._pending) - len(live)  # clients that went away
         if not live:
@@ -208,43 +190,23 @@ class Batcher:
         else:
             chosen = plan_batch(costs, seqs, self.max_batch_tokens, self.max_batch_items,
                                 self.min_padding_efficiency, self._padded)
-        if running is not None and len(chosen) < running and len(chosen) == len(live):
-            self._pending = live
-            return []
         picked = set(chosen)
         self._pending = [e for i, e in enumerate(live) if i not in picked]
         return [live[i] for i in chosen]
 
     async def _loop(self) -> None:
-        """Hands batches to the worker: one at a time, or with queue_next one more queued behind
-        the running one. Woken by arrivals and by each batch's end."""
         while True:
             await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending and len(self._in_flight) < (2 if self.queue_next else 1):
-                running = next(iter(self._in_flight.values()), None)
-                batch = self._take(running)
-                if not batch:
-                    break
-                if running is not None:
-                    self.batches_queued_next += 1
-                task = asyncio.get_running_loop().create_task(self._execute(batch))
-                self._in_flight[task] = len(batch)
-                task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task) -> None:
-        del self._in_flight[task]
-        self._wakeup.set()
+            batch = self._take()
+            if not self._pending:
+                self._wakeup.clear()
+            if batch:
+                await self._execute(batch)
 
     async def _execute(self, batch: list[_Entry]) -> None:
         prepared = [e.prepared for e in batch]
         try:
             vectors = await self._run_batch(prepared)
-        except asyncio.CancelledError:  # stop(): nobody will answer these items now
-            for e in batch:
-                if not e.future.done():
-                    e.future.set_exception(RuntimeError("the server is shutting down"))
-            raise
         except Exception as exc:  # noqa: BLE001
             if len(batch) > 1:
                 # One bad item must not fail its neighbours: retry each alone.
@@ -280,8 +242,6 @@ class Batcher:
             "batches_run": self.batches_run,
             "items_run": self.items_run,
             "items_dropped": self.items_dropped,
-            "queue_next": self.queue_next,
-            "batches_queued_next": self.batches_queued_next,
             "mean_batch_size": round(self.items_run / self.batches_run, 2) if self.batches_run else 0.0,
             "padding_efficiency": round(self.real_tokens / self.padded_tokens, 4) if self.padded_tokens else 1.0,
         }

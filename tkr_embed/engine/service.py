@@ -142,7 +142,7 @@ class EmbeddingService:
         self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded,
-                               packed=self.sharded.packs(emb), queue_next=e.queue_next_batch)
+                               packed=self.sharded.packs(emb))
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request
         # (one item per shard, so every CPU stream has run once).

