@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tkr_embed.models.base import EmbedItem, Prepared
-from tkr_embed.models.packed_bert import PackedBatch, packable
+from tkr_embed.models.packed_bert import PackedBatch, packable, rows_step
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
 from tests.conftest import MINILM_SPEC
 
@@ -37,11 +37,32 @@ def test_packed_batch_layout():
         PackedBatch([])
 
 
+def test_rows_round_up_with_a_filler_sequence_that_no_item_sees():
+    packed = PackedBatch(_prepared([[5, 6, 7], [8], [9, 10]]), rows_multiple=4, filler_id=0)
+    assert packed.tokens == 8 and packed.items == 3
+    assert packed.offsets.tolist() == [0, 3, 4, 6, 8]  # the filler is a sequence of its own
+    assert packed.ids.tolist() == [5, 6, 7, 8, 9, 10, 0, 0]
+    assert packed.positions.tolist() == [0, 1, 2, 0, 0, 1, 0, 1]
+    index, mask = packed.padded_index()  # items only: the filler is never pooled
+    assert index.tolist() == [[0, 1, 2], [3, 8, 8], [4, 5, 8]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert PackedBatch(_prepared([[1, 2], [3, 4]]), rows_multiple=4).offsets.tolist() == [0, 2, 4]  # fits
+
+
+def test_rows_step_is_a_sixteenth_of_the_octave():
+    assert [rows_step(t) for t in (1, 31, 32, 255, 256, 511, 512, 2047, 2048)] == [1, 1, 2, 8, 16, 16, 32, 64, 128]
+    for tokens in range(1, 5000):  # filler at most 1/16 of the rows
+        step = rows_step(tokens)
+        assert (-tokens % step) <= tokens / 16
+
+
 @linux_only
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken"])
 def test_packed_minilm_gives_the_padded_vectors(worker, minilm, pooling):
     prepared = [minilm.prepare(EmbedItem(text=t)) for t in TEXTS]
     assert len({p.cost for p in prepared}) == len(TEXTS)  # every length differs: padding everywhere
+    total = sum(p.cost for p in prepared)
+    assert total % rows_step(total), "the packed batch should need a filler sequence"
 
     def both():
         saved = minilm.pooling_config

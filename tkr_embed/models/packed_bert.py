@@ -42,19 +42,42 @@ def packable(model: Any) -> bool:
             and embeddings.word_embeddings.weight.dtype == mx.float32)
 
 
-class PackedBatch:
-    """A batch's token ids end to end: item i is rows offsets[i] .. offsets[i + 1]."""
+def rows_step(tokens: int) -> int:
+    """What a packed batch's rows are rounded up to a multiple of: 1/16 of the power of two at or
+    below its tokens (1 up to 31 tokens, 16 for 256-511, 64 for 1024-2047), so at most 6.25%
+    filler and 16 row counts per octave.
 
-    def __init__(self, batch: Sequence[Prepared]):
+    Why round at all: MLX's CPU allocator reuses a cached buffer only within two pages of the
+    size asked for, and every distinct row count asks for new sizes. Exact row counts (every
+    batch of mixed lengths a new one) kept allocating: fresh 28-36-item batches of short texts
+    took ~200 page faults per text (1-2 ms of kernel time, 10-15% of the forward) and the cache
+    grew past 1.5 GB in 30 s; rounded, faults fell to ~1 per text after the first seconds and
+    the cache stayed at ~330 MB (bench/packed_rows.py, docs/benchmarks.md)."""
+    return 1 << max(0, int(tokens).bit_length() - 5)
+
+
+class PackedBatch:
+    """A batch's token ids end to end: item i is rows offsets[i] .. offsets[i + 1]; after the
+    items, where rows_multiple asks for it, a filler sequence."""
+
+    def __init__(self, batch: Sequence[Prepared], rows_multiple: int = 1, filler_id: int = 0):
+        """rows_multiple: round the rows up to a multiple of this with a filler sequence of
+        filler_id tokens (attended only by itself, never pooled)."""
         lengths = np.fromiter((p.cost for p in batch), dtype=np.int64, count=len(batch))
         if len(batch) == 0 or (lengths <= 0).any():
             raise ValueError("a packed batch needs at least one item, each with at least one token")
         self.lengths = lengths
-        self.offsets = np.zeros(len(batch) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=self.offsets[1:])
-        self.ids = np.concatenate([p.input_ids for p in batch]).astype(np.int32, copy=False)
-        # Each item's positions restart at 0, as they would in its own padded row.
-        starts = np.repeat(self.offsets[:-1], lengths)
+        self.items = len(batch)
+        fill = -int(lengths.sum()) % max(1, rows_multiple)
+        segments = np.append(lengths, fill) if fill else lengths
+        self.offsets = np.zeros(len(segments) + 1, dtype=np.int32)
+        np.cumsum(segments, out=self.offsets[1:])
+        parts = [p.input_ids for p in batch]
+        if fill:
+            parts.append(np.full(fill, filler_id, dtype=np.int32))
+        self.ids = np.concatenate(parts).astype(np.int32, copy=False)
+        # Each sequence's positions restart at 0, as they would in its own padded row.
+        starts = np.repeat(self.offsets[:-1], segments)
         self.positions = (np.arange(self.tokens, dtype=np.int32) - starts).astype(np.int32)
 
     @property
@@ -67,7 +90,7 @@ class PackedBatch:
         longest = int(self.lengths.max())
         pos = np.arange(longest, dtype=np.int32)
         mask = pos[None, :] < self.lengths[:, None]
-        index = np.where(mask, self.offsets[:-1, None] + pos[None, :], self.tokens).astype(np.int32)
+        index = np.where(mask, self.offsets[:self.items, None] + pos[None, :], self.tokens).astype(np.int32)
         return index, mask.astype(np.int32)
 
 
