@@ -17,6 +17,7 @@
 #include <cstring>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -229,104 +230,109 @@ void packed_attention_kernel(const float* q, const float* k, const float* v, con
   }
 }
 
-class BertAttention : public mx::UnaryPrimitive {
+// What both attention primitives share: their heads and scale, the CPU backend only, an output
+// shaped as q, and registering their arrays with the stream's command encoder.
+class CpuAttention : public mx::UnaryPrimitive {
  public:
-  BertAttention(mx::Stream stream, int heads, float scale, bool masked)
-      : mx::UnaryPrimitive(stream), heads_(heads), scale_(scale), masked_(masked) {}
+  CpuAttention(mx::Stream stream, int heads, float scale)
+      : mx::UnaryPrimitive(stream), heads_(heads), scale_(scale) {}
 
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const auto& q = inputs[0];
-    const auto& k = inputs[1];
-    const auto& v = inputs[2];
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU backend only");
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ protected:
+  // Allocates out and registers every array with the stream's encoder, which then dispatches the kernel.
+  mx::cpu::CommandEncoder& begin(const std::vector<mx::array>& inputs, mx::array& out) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& in : inputs) encoder.set_input_array(in);
     encoder.set_output_array(out);
-    const int B = q.shape(0), L = q.shape(1), HD = q.shape(2), H = heads_, D = HD / H;
-    const float* mask = masked_ ? inputs[3].data<float>() : nullptr;
-    encoder.dispatch([qp = q.data<float>(), kp = k.data<float>(), vp = v.data<float>(), mask,
-                      op = out.data<float>(), B, L, H, D, scale = scale_]() {
-      attention_kernel(qp, kp, vp, mask, op, B, L, H, D, scale);
-    });
+    return encoder;
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("tkr_embed bert_attention runs on the CPU backend only");
+  bool same_heads_and_scale(const CpuAttention& o) const {
+    return heads_ == o.heads_ && scale_ == o.scale_;
+  }
+
+  int heads_;
+  float scale_;
+};
+
+class BertAttention : public CpuAttention {
+ public:
+  BertAttention(mx::Stream stream, int heads, float scale, bool masked)
+      : CpuAttention(stream, heads, scale), masked_(masked) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& q = inputs[0];
+    auto& encoder = begin(inputs, out);
+    const int B = q.shape(0), L = q.shape(1), HD = q.shape(2), H = heads_, D = HD / H;
+    const float* mask = masked_ ? inputs[3].data<float>() : nullptr;
+    encoder.dispatch([qp = q.data<float>(), kp = inputs[1].data<float>(), vp = inputs[2].data<float>(),
+                      mask, op = out.data<float>(), B, L, H, D, scale = scale_]() {
+      attention_kernel(qp, kp, vp, mask, op, B, L, H, D, scale);
+    });
   }
 
   const char* name() const override { return "TkrBertAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const BertAttention&>(other);
-    return heads_ == o.heads_ && scale_ == o.scale_ && masked_ == o.masked_;
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
+    return same_heads_and_scale(o) && masked_ == o.masked_;
   }
 
  private:
-  int heads_;
-  float scale_;
   bool masked_;
 };
 
-class PackedBertAttention : public mx::UnaryPrimitive {
+class PackedBertAttention : public CpuAttention {
  public:
-  PackedBertAttention(mx::Stream stream, int heads, float scale)
-      : mx::UnaryPrimitive(stream), heads_(heads), scale_(scale) {}
+  using CpuAttention::CpuAttention;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& q = inputs[0];
-    const auto& k = inputs[1];
-    const auto& v = inputs[2];
     const auto& offsets = inputs[3];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    const int B = static_cast<int>(offsets.size()) - 1, HD = q.shape(1), H = heads_, D = HD / H;
-    const int T = q.shape(0);
-    encoder.dispatch([qp = q.data<float>(), kp = k.data<float>(), vp = v.data<float>(),
+    auto& encoder = begin(inputs, out);
+    const int B = static_cast<int>(offsets.size()) - 1, T = q.shape(0), HD = q.shape(1), H = heads_, D = HD / H;
+    encoder.dispatch([qp = q.data<float>(), kp = inputs[1].data<float>(), vp = inputs[2].data<float>(),
                       off = offsets.data<int32_t>(), op = out.data<float>(), B, T, H, D,
                       scale = scale_]() {
       packed_attention_kernel(qp, kp, vp, off, op, B, T, H, D, scale);
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("tkr_embed bert_attention_packed runs on the CPU backend only");
-  }
-
   const char* name() const override { return "TkrPackedBertAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const PackedBertAttention&>(other);
-    return heads_ == o.heads_ && scale_ == o.scale_;
+    return same_heads_and_scale(static_cast<const CpuAttention&>(other));
   }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
-
- private:
-  int heads_;
-  float scale_;
 };
+
+// Checks q, k, v (float32, one shape of `ndim` dimensions, heads dividing the last) and the
+// default stream (the CPU backend); returns that stream and the three, contiguous.
+std::pair<mx::Stream, std::vector<mx::array>> projections(const char* op, const char* layout, int ndim,
+                                                          const mx::array& q, const mx::array& k,
+                                                          const mx::array& v, int heads) {
+  if (q.ndim() != ndim || k.shape() != q.shape() || v.shape() != q.shape())
+    throw std::invalid_argument(std::string(op) + ": q, k, v must all be " + layout);
+  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
+    throw std::invalid_argument(std::string(op) + ": float32 only");
+  if (heads <= 0 || q.shape(ndim - 1) % heads != 0)
+    throw std::invalid_argument(std::string(op) + ": heads must divide the hidden size");
+  const auto s = mx::to_stream({});
+  if (s.device != mx::Device::cpu)
+    throw std::invalid_argument(std::string(op) + ": the CPU backend only");
+  return {s, {mx::contiguous(q, false, s), mx::contiguous(k, false, s), mx::contiguous(v, false, s)}};
+}
 
 mx::array bert_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                          const std::optional<mx::array>& mask, int heads, float scale) {
-  if (q.ndim() != 3 || k.shape() != q.shape() || v.shape() != q.shape())
-    throw std::invalid_argument("bert_attention: q, k, v must all be [batch, L, heads * head_dim]");
-  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
-    throw std::invalid_argument("bert_attention: float32 only");
-  if (heads <= 0 || q.shape(2) % heads != 0)
-    throw std::invalid_argument("bert_attention: heads must divide the hidden size");
-  const auto s = mx::to_stream({});
-  if (s.device != mx::Device::cpu)
-    throw std::invalid_argument("bert_attention: the CPU backend only");
-  std::vector<mx::array> inputs = {mx::contiguous(q, false, s), mx::contiguous(k, false, s),
-                                   mx::contiguous(v, false, s)};
+  auto [s, inputs] = projections("bert_attention", "[batch, L, heads * head_dim]", 3, q, k, v, heads);
   if (mask) {
     const int B = q.shape(0), L = q.shape(1);
     if (mask->size() != static_cast<size_t>(B) * L)
@@ -338,22 +344,12 @@ mx::array bert_attention(const mx::array& q, const mx::array& k, const mx::array
                    std::move(inputs));
 }
 
-
 mx::array bert_attention_packed(const mx::array& q, const mx::array& k, const mx::array& v,
                                 const mx::array& offsets, int heads, float scale) {
-  if (q.ndim() != 2 || k.shape() != q.shape() || v.shape() != q.shape())
-    throw std::invalid_argument("bert_attention_packed: q, k, v must all be [tokens, heads * head_dim]");
-  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
-    throw std::invalid_argument("bert_attention_packed: float32 only");
-  if (heads <= 0 || q.shape(1) % heads != 0)
-    throw std::invalid_argument("bert_attention_packed: heads must divide the hidden size");
+  auto [s, inputs] = projections("bert_attention_packed", "[tokens, heads * head_dim]", 2, q, k, v, heads);
   if (offsets.ndim() != 1 || offsets.size() < 2 || offsets.dtype() != mx::int32)
     throw std::invalid_argument("bert_attention_packed: offsets must be int32 [sequences + 1]");
-  const auto s = mx::to_stream({});
-  if (s.device != mx::Device::cpu)
-    throw std::invalid_argument("bert_attention_packed: the CPU backend only");
-  std::vector<mx::array> inputs = {mx::contiguous(q, false, s), mx::contiguous(k, false, s),
-                                   mx::contiguous(v, false, s), mx::contiguous(offsets, false, s)};
+  inputs.push_back(mx::contiguous(offsets, false, s));
   return mx::array(q.shape(), mx::float32, std::make_shared<PackedBertAttention>(s, heads, scale),
                    std::move(inputs));
 }
