@@ -60,15 +60,16 @@ class PackedBatch:
     """A batch's token ids end to end: item i is rows offsets[i] .. offsets[i + 1]; after the
     items, where rows_multiple asks for it, a filler sequence."""
 
-    def __init__(self, batch: Sequence[Prepared], rows_multiple: int = 1, filler_id: int = 0):
-        """rows_multiple: round the rows up to a multiple of this with a filler sequence of
-        filler_id tokens (attended only by itself, never pooled)."""
+    def __init__(self, batch: Sequence[Prepared], filler_id: int = 0, rows_multiple: int | None = None):
+        """Rows are rounded up to a multiple of rows_multiple (None: rows_step of the batch's
+        tokens) with a filler sequence of filler_id tokens, attended only by itself, never pooled."""
         lengths = np.fromiter((p.cost for p in batch), dtype=np.int64, count=len(batch))
         if len(batch) == 0 or (lengths <= 0).any():
             raise ValueError("a packed batch needs at least one item, each with at least one token")
         self.lengths = lengths
         self.items = len(batch)
-        fill = -int(lengths.sum()) % max(1, rows_multiple)
+        total = int(lengths.sum())
+        fill = -total % (rows_step(total) if rows_multiple is None else max(1, rows_multiple))
         segments = np.append(lengths, fill) if fill else lengths
         self.offsets = np.zeros(len(segments) + 1, dtype=np.int32)
         np.cumsum(segments, out=self.offsets[1:])

@@ -99,9 +99,9 @@ class TextEncoderEmbedder(EvaluatingForward):
         from mlx_vlm.models.pooling import pool_by_config
 
         if self.packed and length is None:
-            from .packed_bert import PackedBatch, encode_packed, rows_step, unpack
+            from .packed_bert import PackedBatch, encode_packed, unpack
 
-            packed = PackedBatch(batch, rows_step(sum(p.cost for p in batch)), self.pad_id)
+            packed = PackedBatch(batch, filler_id=self.pad_id)
             hidden, mask = unpack(encode_packed(self.model, packed), packed)
             return pool_by_config(hidden, mask, self.pooling_config).astype(mx.float32)
         length = max(length or 0, max(p.cost for p in batch))
