@@ -29,16 +29,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 def one_variant(args) -> None:
     from profile_server import machine_cpu
 
-    from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches
-    from tkr_embed.engine.shards import make_sharded_forward
+    from tkr_embed.benchmark.raw import case_inputs, sharded_engine, time_batches
     from tkr_embed.models import packed_bert
     from tkr_embed.models.base import EmbedItem
 
     if args.variant == "exact":
         packed_bert.rows_step = lambda tokens: 1  # what the engine did before rounding
-    worker, emb = load_on_worker(args.model, "auto")
-    sharded = worker.call(make_sharded_forward, 0, "off", 64, "auto")
-    worker.call(sharded.adopt, emb)
+    worker, emb, sharded = sharded_engine(args.model)
     pool = [emb.prepare(EmbedItem(text=t)) for t, _ in case_inputs(args.case, 2000)]
     draw = random.Random(1)
     lo, hi = args.batch

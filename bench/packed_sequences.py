@@ -22,8 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches  # noqa: E402
-from tkr_embed.engine.shards import make_sharded_forward  # noqa: E402
+from tkr_embed.benchmark.raw import case_inputs, sharded_engine, time_batches  # noqa: E402
 from tkr_embed.models.base import EmbedItem  # noqa: E402
 
 MODES = ("padded", "packed")
@@ -41,9 +40,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=2.5)
     args = ap.parse_args()
-    worker, emb = load_on_worker(args.model)
-    forward = worker.call(make_sharded_forward, 0)
-    worker.call(forward.adopt, emb)
+    worker, emb, forward = sharded_engine(args.model)
     if not emb.packed:
         raise SystemExit("this model cannot run packed here (needs the native CPU kernels: scripts/setup.sh)")
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}

