@@ -95,6 +95,18 @@ async def test_permission_matrix(env):
                 assert needed in r.json()["error"]["message"]
 
 
+async def test_a_caller_without_a_key_is_refused_before_the_body_is_read(env):
+    client, _, _, keys = env
+    broken = {"content": b"{broken", "headers": {"content-type": "application/json"}}
+    for path in ("/embed/text", "/v1/embeddings"):
+        assert (await client.post(path, **broken)).status_code == 401, path
+        r = await client.post(path, content=b"{broken", headers={**broken["headers"], **H(keys["admin"])})
+        assert r.status_code == 400 and "not valid JSON" in r.text, (path, r.text)
+    # a key without embed:text is refused before its body is looked at
+    r = await client.post("/embed/text", content=b"{broken", headers={**broken["headers"], **H(keys["similarity"])})
+    assert r.status_code == 403
+
+
 async def test_similarity_with_images_needs_the_image_permission_too(env):
     client, _, _, keys = env
     body = {"query": "q", "candidates": [{"image": B64}]}

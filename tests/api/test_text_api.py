@@ -66,7 +66,31 @@ async def test_health_info_docs(api):
     # and MLX keeps freed buffers for the next batch (engine.cpu_buffer_cache_mb: 0 = auto).
     assert info["worker"]["cpu_buffer_cache_mb"] == resolve_cpu_buffer_cache(0) >> 20
     assert (await client.get("/docs")).status_code == 200
-    assert "/embed/text" in (await client.get("/openapi.json")).json()["paths"]
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    # The hot routes read their bodies themselves (api/responses.py): the schema must still say what they take.
+    for path, field in (("/embed/text", "texts"), ("/v1/embeddings", "input")):
+        body = paths[path]["post"]["requestBody"]
+        schema = body["content"]["application/json"]["schema"]
+        assert body["required"] and field in schema["properties"] and field in schema["required"], schema
+
+
+async def test_lean_body_reading_keeps_the_checks_and_their_order(api):
+    client, _ = api
+    json_type = {"content-type": "application/json"}
+    # an empty body is a missing one, not invalid JSON
+    for path in ("/embed/text", "/v1/embeddings"):
+        r = await client.post(path, content=b"", headers=json_type)
+        assert r.status_code == 400 and "'body' is required" in r.text, r.text
+    # the media type is checked before the body is parsed
+    r = await client.post("/v1/embeddings", content=b"{broken", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    # a JSON value that is not an object names the body
+    r = await client.post("/embed/text", content=b"[1, 2]", headers=json_type)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
+    # a charset parameter is still JSON
+    r = await client.post("/embed/text", content=b'{"texts": ["charset"]}',
+                          headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
 
 
 @pytest.mark.parametrize("payload,status,param", [

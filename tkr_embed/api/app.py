@@ -41,6 +41,8 @@ from .stats import RequestStats
 log = logging.getLogger(__name__)
 
 # Routes no rate limit applies to: liveness probes and documentation.
+# The routes nearly every request takes: matched first (create_app).
+HOT_PATHS = ("/v1/embeddings", "/embed/text")
 UNLIMITED_PATHS = {"/health", "/ready", "/metrics", "/console", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 
 
@@ -169,6 +171,8 @@ def create_app(settings: Settings, service: EmbeddingService | None = None,
         # wrapped endpoint is not found and would never be rate limited). The routers' prefixes
         # and dependencies are already part of their routes.
         app.router.routes.extend(module.router.routes)
+    # Starlette tries routes in order: the embedding routes first, not after a dozen others.
+    app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in HOT_PATHS)
     for route in app.routes:
         if getattr(route, "path", None) in UNLIMITED_PATHS:
             limiter.exempt(route.endpoint)

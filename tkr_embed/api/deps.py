@@ -45,12 +45,17 @@ async def service_for(request: Request, name: str | None, param: str = "model") 
         raise APIError(503, "model_unavailable", f"the model '{name}' could not be loaded: {e}", param) from None
 
 
+def check_content_type(request: Request, *accepted: str) -> None:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in accepted:
+        raise APIError(415, "unsupported_media_type",
+                       f"Content-Type must be {' or '.join(accepted)}, got '{ctype or 'none'}'")
+
+
 def require_content_type(*accepted: str) -> Callable[[Request], Awaitable[None]]:
+    """Route dependency: check_content_type."""
     async def check(request: Request) -> None:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in accepted:
-            raise APIError(415, "unsupported_media_type",
-                           f"Content-Type must be {' or '.join(accepted)}, got '{ctype or 'none'}'")
+        check_content_type(request, *accepted)
     return check
 
 
