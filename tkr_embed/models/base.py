@@ -8,10 +8,12 @@ is only ever called on the engine's worker thread.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
+from tokenizers import Tokenizer
 
 TEXT = "text"
 IMAGE = "image"
@@ -111,3 +113,24 @@ class EvaluatingForward:
         pooled = self.encode(batch, length)
         mx.eval(pooled)
         return np.array(pooled, copy=True)
+
+
+# ---- tokenizers ---------------------------------------------------------------------------
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The checkpoint's tokenizer.json, as the embedders use it: no padding, no truncation (they
+    pad batches and cut inputs themselves)."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def token_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """tokenizer.encode(text).ids without holding the GIL.
+
+    Tokenizer.encode keeps the GIL for the whole call (a 180-word text: ~0.7 ms), so a prepare
+    running in the CPU pool stalled the event loop and the MLX worker's Python meanwhile;
+    encode_batch releases it, and for one text costs the same (docs/benchmarks.md, "A lean
+    request path")."""
+    return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+

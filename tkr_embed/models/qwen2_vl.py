@@ -11,14 +11,14 @@ padding mask is needed and each item's vector is the same alone or batched.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from .base import EvaluatingForward, IMAGE, TEXT, EmbedItem, Prepared, UnsupportedInput
+from .base import EvaluatingForward, IMAGE, TEXT, EmbedItem, Prepared, UnsupportedInput, load_tokenizer, token_ids
 from .qwen2_vl_image import Qwen2VLImageConfig, image_patches, normalize_patches, num_image_tokens
 
 DEFAULT_INSTRUCTION = "You are a helpful assistant."
@@ -70,9 +70,10 @@ class Qwen2VLEmbedder(EvaluatingForward):
         limit = int(text_cfg.get("max_position_embeddings") or config.get("max_position_embeddings") or 32768)
         self.max_tokens = min(max_tokens or DEFAULT_MAX_TOKENS, limit)
 
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer = load_tokenizer(model_dir)
+        # The prompt around each input depends only on its instruction: tokenised once per
+        # instruction, not three tokeniser calls per item (bounded: instructions come from callers).
+        self._prompt_ids = functools.lru_cache(maxsize=64)(self._tokenize_prompt)
         self.image_token_id = int(config.get("image_token_id", 151655))
         self.vision_start_id = int(config.get("vision_start_token_id", 151652))
         self.vision_end_id = int(config.get("vision_end_token_id", 151653))
@@ -107,14 +108,18 @@ class Qwen2VLEmbedder(EvaluatingForward):
 
     # ---- CPU side -------------------------------------------------------------------------
     def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return token_ids(self.tokenizer, text, add_special_tokens=False)
+
+    def _tokenize_prompt(self, instruction: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The template's ids before and after an input, for this instruction (DESIGN.md)."""
+        prefix = self._tokenize(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n")
+        suffix = self._tokenize("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
+        return tuple(prefix), tuple(suffix)
 
     def prepare(self, item: EmbedItem) -> Prepared:
         if item.text is None and not item.images:
             raise UnsupportedInput("empty item")
-        instruction = item.instruction or DEFAULT_INSTRUCTION
-        prefix = self._tokenize(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n")
-        suffix = self._tokenize("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
+        prefix, suffix = self._prompt_ids(item.instruction or DEFAULT_INSTRUCTION)
         text_ids = self._tokenize(item.text) if item.text else []
 
         patches, grids, image_runs = [], [], []

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
-
-from .base import EvaluatingForward, TEXT, EmbedItem, Prepared, UnsupportedInput
+from .base import EvaluatingForward, TEXT, EmbedItem, Prepared, UnsupportedInput, load_tokenizer, token_ids
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -39,9 +37,7 @@ class TextEncoderEmbedder(EvaluatingForward):
         self.pooling_config = _read_json(model_dir / "1_Pooling" / "config.json") or {"pooling_mode": "mean"}
         modules = _read_json(model_dir / "modules.json") or []
         self.checkpoint_normalizes = any("Normalize" in m.get("type", "") for m in modules)
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer = load_tokenizer(model_dir)
         self.pad_id = int(config.get("pad_token_id", 0) or 0)
         self.fast_ops: list[str] = []  # ops swapped for multiply-add polynomials (CPU backend)
         self.packed = False  # batches run as packed sequences, no padding (use_packed_sequences)
@@ -69,7 +65,7 @@ class TextEncoderEmbedder(EvaluatingForward):
         if item.text is None:
             raise UnsupportedInput("empty item")
         text = item.text if not item.instruction else f"{item.instruction}{item.text}"
-        ids = self.tokenizer.encode(text).ids
+        ids = token_ids(self.tokenizer, text)
         full = len(ids)
         if full > self.max_tokens:
             # Keep the closing special token ([SEP]), as sentence-transformers' truncation does.
