@@ -130,7 +130,7 @@ def token_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) 
 
     Tokenizer.encode keeps the GIL for the whole call (a 180-word text: ~0.7 ms), so a prepare
     running in the CPU pool stalled the event loop and the MLX worker's Python meanwhile;
-    encode_batch releases it, and for one text costs the same (docs/benchmarks.md, "A lean
-    request path")."""
+    encode_batch releases it, and for one text costs the same (bench/tokenizer_gil.py;
+    docs/benchmarks.md, "Request path")."""
     return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
