@@ -8,6 +8,7 @@ import asyncio
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 from fastapi import Request, UploadFile
+from pydantic import BaseModel
 
 from ..engine.batcher import QueueFull
 from ..engine.media import ImageError, decode_base64_image, decode_image
@@ -18,8 +19,11 @@ from ..models.qwen2_vl import InputTooLong
 from ..models.qwen2_vl_image import ImageShapeError
 from ..models.registry import ModelLoadError
 from .errors import APIError
+from .responses import read_json_body
+from .security import check_permissions
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 async def get_service(request: Request) -> EmbeddingService:  # async: no thread-pool hop (security.require)
@@ -50,6 +54,15 @@ def check_content_type(request: Request, *accepted: str) -> None:
     if ctype not in accepted:
         raise APIError(415, "unsupported_media_type",
                        f"Content-Type must be {' or '.join(accepted)}, got '{ctype or 'none'}'")
+
+
+async def checked_json_body(request: Request, model: type[M], *permissions: str, any_key: bool = False) -> M:
+    """For the hot JSON routes: what `Depends(require(...))`, `Depends(require_content_type(
+    "application/json"))` and a body parameter did, in their order (401/403, then 415, then the
+    body's 400s), without FastAPI's dependency solving (responses.py says why)."""
+    check_permissions(request, *permissions, any_key=any_key)
+    check_content_type(request, "application/json")
+    return await read_json_body(request, model)
 
 
 def require_content_type(*accepted: str) -> Callable[[Request], Awaitable[None]]:

@@ -6,12 +6,13 @@ to parse with the standard library against 0.22 ms with orjson, and text bodies 
 orjson's decode error is a json.JSONDecodeError, so FastAPI's "invalid JSON" answer is unchanged;
 it refuses NaN/Infinity literals and integers beyond 64 bits, which the API never accepts anyway.
 
-The embedding routes (/v1/embeddings, /embed/text) take the Request and call read_json_body
-themselves instead of declaring a body parameter and `Depends(...)` checks: FastAPI's dependency
-solving, body-field validation and content-type sniffing were a third of the Python calls the
-event loop made per request (bench/request_path.py: 894 -> 602 per cache hit; docs/benchmarks.md,
-"Request path"). The body model is still validated by pydantic, its errors reach the same 400
-handler, and json_body_docs keeps it in the OpenAPI schema.
+The embedding routes (/v1/embeddings, /embed/text) take the Request and read their body with
+read_json_body (through deps.checked_json_body, which makes the key and media-type checks first)
+instead of declaring a body parameter and `Depends(...)` checks: FastAPI's dependency solving,
+body-field validation and content-type sniffing were a third of the Python calls the event loop
+made per request (bench/request_path.py: 894 -> 602 per cache hit; docs/benchmarks.md, "Request
+path"). The body model is still validated by pydantic, its errors reach the same 400 handler,
+and json_body_docs keeps it in the OpenAPI schema.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ...engine.service import EmbeddingService, EmbedResult
 from ...models.base import EmbedItem
-from ..deps import (check_content_type, check_item_count, check_text, count_items, decode_images, read_upload,
+from ..deps import (check_item_count, checked_json_body, check_text, count_items, decode_images, read_upload,
                     require_content_type, require_images, run_embedding, service_for)
-from ..responses import FastJSONResponse, FastJSONRoute, json_body_docs, read_json_body
-from ..security import check_permissions, require
+from ..responses import FastJSONResponse, FastJSONRoute, json_body_docs
+from ..security import require
 from ..schemas import EmbedResponse, TextEmbedRequest
 
 router = APIRouter(tags=["embeddings"], route_class=FastJSONRoute)
@@ -30,11 +30,7 @@ def _respond(service: EmbeddingService, result: EmbedResult, started: float) -> 
 @router.post("/embed/text", response_model=EmbedResponse, openapi_extra=json_body_docs(TextEmbedRequest))
 async def embed_text(request: Request):
     started = time.perf_counter()
-    # The checks FastAPI dependencies would make, in their order, then the body (responses.py:
-    # the hot routes skip dependency solving).
-    check_permissions(request, "embed:text")
-    check_content_type(request, "application/json")
-    body = await read_json_body(request, TextEmbedRequest)
+    body = await checked_json_body(request, TextEmbedRequest, "embed:text")
     service = await service_for(request, body.model)  # None: the default model
     check_item_count(len(body.texts), service, "texts")
     for i, text in enumerate(body.texts):

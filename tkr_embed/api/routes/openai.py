@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...engine.media import ImageError
 from ...engine.service import EmbeddingService
 from ...models.base import EmbedItem
-from ..deps import (check_content_type, check_text, count_items, decode_images, get_service, require_images,
+from ..deps import (checked_json_body, check_text, count_items, decode_images, get_service, require_images,
                     run_embedding, service_for)
 from ..errors import APIError
-from ..responses import FastJSONResponse, FastJSONRoute, json_body_docs, read_json_body
+from ..responses import FastJSONResponse, FastJSONRoute, json_body_docs
 from ..security import check_permissions, principal_of, require
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=FastJSONRoute)
@@ -130,11 +130,7 @@ def encode_vector(vec: np.ndarray, fmt: str):
 
 @router.post("/embeddings", openapi_extra=json_body_docs(EmbeddingsRequest))
 async def create_embeddings(request: Request):
-    # The checks FastAPI dependencies would make, in their order, then the body (responses.py:
-    # the hot routes skip dependency solving).
-    check_permissions(request, any_key=True)
-    check_content_type(request, "application/json")
-    body = await read_json_body(request, EmbeddingsRequest)
+    body = await checked_json_body(request, EmbeddingsRequest, any_key=True)
     service = await service_for(request, body.model)  # the model pool: by name or alias
     if body.dimensions is not None and not 1 <= body.dimensions <= service.dimension:
         raise APIError(400, "invalid_dimensions", f"'dimensions' must be between 1 and {service.dimension} "
