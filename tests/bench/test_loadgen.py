@@ -143,3 +143,24 @@ async def test_a_level_split_across_processes_counts_every_client_once():
     texts = [json.loads(b)["input"][0] for b in bodies]
     assert len(set(texts)) == len(texts), "two generator processes sent the same text"
     assert result["latencies"] == sorted(result["latencies"]) and len(result["latencies"]) == result["requests"]
+
+
+def test_paired_rounds_divide_each_server_level_by_its_own_rounds_ceiling():
+    from tkr_embed.benchmark.report import tables
+    from tkr_embed.benchmark.suite import paired
+
+    def one(engine: float, tkr: float, infinity: float) -> dict:
+        level = lambda rate: [{"concurrency": 64, "requests_per_s": rate, "items_per_s": rate,  # noqa: E731
+                               "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}]
+        best = {"batch": 16, "items_per_s": engine}
+        return {"raw": {"long": {"mlx-engine": {"best": best, "results": [best]}}},
+                "servers": {"long": {"tkr-embed": level(tkr), "infinity": level(infinity)}}}
+
+    # The machine ran 2x faster in round 2: pooled, 24 / 30 would read 0.8x; paired, each round is 0.9x.
+    rounds = [one(10.0, 9.0, 6.0), one(20.0, 18.0, 15.0), one(10.0, 8.0, 8.0)]
+    out = paired(rounds)
+    assert out["long"]["tkr-embed/engine"]["64"] == {"rounds": [0.9, 0.9, 0.8], "median": 0.9}
+    assert out["long"]["infinity/engine"]["64"]["rounds"] == [0.6, 0.75, 0.8]
+    assert out["long"]["tkr-embed/infinity"]["64"] == {"rounds": [1.5, 1.2, 1.0], "median": 1.2}
+    result = {**rounds[0], "concurrency": [64], "later_rounds": rounds[1:], "paired": out, "summary": {}}
+    assert "| long | tkr-embed/engine | 0.90x (0.90, 0.90, 0.80) |" in tables(result)

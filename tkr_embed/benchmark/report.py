@@ -45,6 +45,17 @@ def tables(result: dict) -> str:
         for case, pairs in result["summary"].items():
             for pair, by_c in pairs.items():
                 out.append(f"| {case} | {pair} | " + " | ".join(f"{by_c.get(str(c), '')}x" for c in levels) + " |")
+    if result.get("paired"):
+        rounds = 1 + len(result.get("later_rounds", []))
+        out.append(f"\nPaired over {rounds} rounds (raw ceilings, then servers, alternating): median ratio "
+                   "(each round's):\n")
+        out.append("| case | ratio | " + " | ".join(f"{c} clients" for c in levels) + " |")
+        out.append("|---|---|" + "---|" * len(levels))
+        for case, pairs in result["paired"].items():
+            for pair, by_c in pairs.items():
+                cells = [f"{m['median']:.2f}x ({', '.join(f'{v:.2f}' for v in m['rounds'])})" if m else ""
+                         for m in (by_c.get(str(c)) for c in levels)]
+                out.append(f"| {case} | {pair} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -3,6 +3,7 @@ and the peers a user would pick instead, all in one run on one machine.
 
     python -m tkr_embed bench                                  # everything available, defaults
     python -m tkr_embed bench --systems tkr-embed infinity --cases short cache --concurrency 1 64
+    python -m tkr_embed bench --cases short long --concurrency 64 --rounds 3   # ratios paired per round
 
 For each model: the raw ceilings first (tkr-embed's MLX engine and the same model in transformers +
 torch, batched forward only), then each server in turn, alone on the machine, with the load
@@ -25,6 +26,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -266,29 +268,50 @@ def run_suite(args) -> dict:
     result: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                     "argv": sys.argv[1:], "duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
                     "models": {}, "raw": {}, "servers": {}, "errors": []}
+    earlier_raw = json.loads(Path(args.raw_from).read_text())["raw"] if args.raw_from else {}
     if args.raw_from:
-        result["raw"] = json.loads(Path(args.raw_from).read_text())["raw"]
         result["raw_from"] = args.raw_from  # what --raw names is measured again, over it
     groups = [(text_model, [c for c in args.cases if c in TEXT_CASES]),
               (mm_model, [c for c in args.cases if c in IMAGE_CASES])]
     for model, cases in groups:
+        for case in cases:
+            result["models"][case] = Path(model).name
+    rounds = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"[round {r + 1} of {args.rounds}]", file=sys.stderr, flush=True)
+        rounds.append(one_round(args, groups, mm_model, json.loads(json.dumps(earlier_raw)), result["errors"], work))
+    result["raw"], result["servers"] = rounds[0]["raw"], rounds[0]["servers"]
+    result["summary"] = summarize(result)
+    if len(rounds) > 1:
+        result["later_rounds"] = rounds[1:]
+        result["paired"] = paired(rounds)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def one_round(args, groups, mm_model: str | None, raw: dict, errors: list[str], work: Path) -> dict:
+    """The raw ceilings, then every server on every case: one round's {"raw", "servers"}. Rounds
+    follow each other so that every server level has a ceiling measured minutes apart, not an
+    hour: this shared machine's speed drifts by 15-30% over a run."""
+    servers: dict = {}
+    for model, cases in groups:
         if not cases:
             continue
         for case in cases:
-            result["models"][case] = Path(model).name
             for system in args.raw:
                 if case not in RAW_CASES:
                     continue
                 print(f"[raw] {system} {case} ...", file=sys.stderr, flush=True)
                 try:
-                    result["raw"].setdefault(case, {})[system] = measure_raw(system, model, case, args)
+                    raw.setdefault(case, {})[system] = measure_raw(system, model, case, args)
                 except (RuntimeError, subprocess.TimeoutExpired, SystemExit) as e:
-                    result["errors"].append(f"raw {system} {case}: {e}")
+                    errors.append(f"raw {system} {case}: {e}")
         for name in args.systems:
             if model is mm_model and name != "tkr-embed":
                 continue
             if name == "infinity" and not args.infinity_bin:
-                result["errors"].append("infinity skipped: no --infinity-bin (scripts/bench-setup.sh installs it)")
+                errors.append("infinity skipped: no --infinity-bin (scripts/bench-setup.sh installs it)")
                 continue
             port = free_port()
             server = {"tkr-embed": lambda: tkr_server(model, port, args.device),
@@ -299,12 +322,34 @@ def run_suite(args) -> dict:
                 with Running(server, port, work) as running:
                     for case in cases:
                         print(f"[server] {name} {case} {args.concurrency} ...", file=sys.stderr, flush=True)
-                        result["servers"].setdefault(case, {})[name] = drive(running, case, args)
+                        servers.setdefault(case, {})[name] = drive(running, case, args)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
-                result["errors"].append(f"{name}: {e}")
-    result["summary"] = summarize(result)
-    shutil.rmtree(work, ignore_errors=True)
-    return result
+                errors.append(f"{name}: {e}")
+    return {"raw": raw, "servers": servers}
+
+
+def paired(rounds: list[dict]) -> dict:
+    """Each round's ratios (server / that round's raw engine; tkr-embed / peer) per case, pair and
+    concurrency, with their median: a ratio of two measurements minutes apart, repeated, is what
+    this machine's drift allows to be compared with a target."""
+    out: dict = {}
+
+    def add(case: str, pair: str, concurrency: str, value: float) -> None:
+        out.setdefault(case, {}).setdefault(pair, {}).setdefault(concurrency, []).append(value)
+
+    for rd in rounds:
+        peers = summarize(rd)  # also writes ratio_to_engine into the round's levels
+        for case, per_system in rd["servers"].items():
+            for system, levels in per_system.items():
+                for lv in levels if isinstance(levels, list) else []:
+                    if lv.get("ratio_to_engine") is not None:
+                        add(case, f"{system}/engine", str(lv["concurrency"]), lv["ratio_to_engine"])
+        for case, pairs in peers.items():
+            for pair, by_c in pairs.items():
+                for c, v in by_c.items():
+                    add(case, pair, c, v)
+    return {case: {pair: {c: {"rounds": v, "median": round(statistics.median(v), 3)} for c, v in by_c.items()}
+                   for pair, by_c in pairs.items()} for case, pairs in out.items()}
 
 
 def default_infinity() -> str | None:
@@ -312,6 +357,13 @@ def default_infinity() -> str | None:
         if cand and Path(cand).exists():
             return str(cand)
     return None
+
+
+def at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -329,6 +381,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--loadgen-processes", type=int, default=1,
                     help="load-generator processes per level (a many-core machine: one event loop adds its own "
                          "serial delay at thousands of requests/s)")
+    ap.add_argument("--rounds", type=at_least_one, default=1,
+                    help="repeat raw ceilings and servers this many times, alternating; the result gives each "
+                         "round's ratios and their median (`paired`)")
     ap.add_argument("--raw-seconds", type=float, default=4)
     ap.add_argument("--raw-timeout", type=float, default=1800, help="seconds one raw measurement may take")
     ap.add_argument("--raw-batch", type=int, nargs="+", default=[1, 8, 16, 32, 64])
