@@ -281,6 +281,8 @@ def run_suite(args) -> dict:
         if args.rounds > 1:
             print(f"[round {r + 1} of {args.rounds}]", file=sys.stderr, flush=True)
         rounds.append(one_round(args, groups, mm_model, json.loads(json.dumps(earlier_raw)), result["errors"], work))
+    # The first round keeps the single-run layout (the plot and the report's tables read it);
+    # the others follow it in later_rounds, and `paired` sets every round's ratios side by side.
     result["raw"], result["servers"] = rounds[0]["raw"], rounds[0]["servers"]
     result["summary"] = summarize(result)
     if len(rounds) > 1:
