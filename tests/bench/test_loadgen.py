@@ -164,3 +164,16 @@ def test_paired_rounds_divide_each_server_level_by_its_own_rounds_ceiling():
     assert out["long"]["tkr-embed/infinity"]["64"] == {"rounds": [1.5, 1.2, 1.0], "median": 1.2}
     result = {**rounds[0], "concurrency": [64], "later_rounds": rounds[1:], "paired": out, "summary": {}}
     assert "| long | tkr-embed/engine | 0.90x (0.90, 0.90, 0.80) |" in tables(result)
+
+
+def test_request_numbers_are_twelve_digits_and_never_repeat_within_a_level():
+    from tkr_embed.benchmark.cases import request_number
+
+    # A level's numbers start at a random base; the raw ceiling's at 10^11. Consecutive i must
+    # land on distinct 12-digit numbers spread over their digits (not 10^11 + a few: mostly zeros,
+    # fewer tokens than the texts the servers get).
+    for base in (10**11, 123_456_789_012, 9 * 10**11 - 50_000):
+        numbers = [request_number(base + k) for k in range(100_000)]
+        assert len(set(numbers)) == len(numbers)
+        assert all(10**11 <= n < 10**12 for n in numbers)
+    assert sum(str(request_number(10**11 + k)).count("0") for k in range(64)) < 64 * 4

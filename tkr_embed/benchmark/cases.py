@@ -20,8 +20,8 @@ TEXT_CASES = ("short", "long", "cache", "mix", "ingest")
 IMAGE_CASES = ("image", "fused")
 ALL_CASES = TEXT_CASES + IMAGE_CASES
 
-SHORT_WORDS = 12    # 19-29 MiniLM tokens with the request number and specials
-LONG_WORDS = 180    # 248-253 MiniLM tokens: near its 256-token window
+SHORT_WORDS = 12    # 23-33 MiniLM tokens with the request number and specials
+LONG_WORDS = 180    # 252-256 MiniLM tokens: at its 256-token window
 # `ingest`: one request carries a batch of documents, as a RAG pipeline's embed_documents sends
 # them: 32 texts of 4 to 190 words each (~15 to ~250 tokens), every request a different mix.
 INGEST_TEXTS = 32
@@ -38,8 +38,22 @@ def ingest_words(i: int, k: int) -> int:
     return lo + ((i * INGEST_TEXTS + k) * 2654435761 % 2**32) % (hi - lo + 1)
 
 
+# A request's number as written into its text: a multiplicative scramble of i into 12 digits, one
+# to one over any 9 x 10^11 consecutive i (the multiplier shares no factor with 9 x 10^11). A
+# number's token count depends on its digits, not their count: the raw ceiling's 10^11 + i
+# ("100000000017": mostly zeros) came to ~7% fewer MiniLM tokens than the load generator's
+# random 12-digit bases, and each load level's random base fixed its texts' length. Scrambled,
+# every batch and every level draws its lengths from one spread (docs/benchmarks.md, "Paired rounds").
+NUMBER_SPREAD = 9 * 10**11
+NUMBER_SCRAMBLE = 2654435761
+
+
+def request_number(i: int) -> int:
+    return 10**11 + (i * NUMBER_SCRAMBLE) % NUMBER_SPREAD
+
+
 def make_text(i: int, words: int) -> str:
-    return f"request {i}: " + " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(words))
+    return f"request {request_number(i)}: " + " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(words))
 
 
 class ImageMaker:

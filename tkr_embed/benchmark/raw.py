@@ -20,9 +20,10 @@ from typing import Callable
 from .cases import INGEST_WORDS, LONG_WORDS, SHORT_WORDS, ImageMaker, make_text
 
 
-def case_inputs(case: str, n: int, image_side: int = 128) -> list[tuple[str | None, bytes | None]]:
-    """(text, PNG bytes) for n distinct items of a case."""
-    base = 10**11  # the load generator's request numbers have 12 digits too (same token counts)
+def case_inputs(case: str, n: int, image_side: int = 128, offset: int = 0) -> list[tuple[str | None, bytes | None]]:
+    """(text, PNG bytes) for n distinct items of a case; offset: start further along the numbers
+    (another set of n distinct items)."""
+    base = 10**11 + offset  # written into the texts as cases.request_number(i), as the load generator's are
     images = ImageMaker(image_side) if case in ("image", "fused") else None
     png = images.png if images else None
 
