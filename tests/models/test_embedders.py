@@ -64,7 +64,7 @@ def test_prompt_template_and_image_tokens(tiny):
     assert text.endswith("<|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
     grid = p.extras["grid_thw"][0]
     assert int((p.input_ids == tiny.image_token_id).sum()) == grid[1] * grid[2] // 4
-    # The prompt's ids are kept per instruction (qwen2_vl._prompt_ids): each item still gets its own.
+    # The prompt's ids are kept per instruction (qwen2_vl._prompt_prefix): each item still gets its own.
     for instruction in ("Find the matching image.", None, "Find the matching image."):
         ids = tiny.prepare(EmbedItem(text="hi", instruction=instruction)).input_ids.tolist()
         text = tiny.tokenizer.decode(ids, skip_special_tokens=False)

@@ -40,9 +40,9 @@ from .stats import RequestStats
 
 log = logging.getLogger(__name__)
 
-# Routes no rate limit applies to: liveness probes and documentation.
 # The routes nearly every request takes: matched first (create_app).
 HOT_PATHS = ("/v1/embeddings", "/embed/text")
+# Routes no rate limit applies to: liveness probes and documentation.
 UNLIMITED_PATHS = {"/health", "/ready", "/metrics", "/console", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 
 

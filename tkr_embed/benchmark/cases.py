@@ -32,24 +32,27 @@ def items_per_request(case: str) -> int:
     return INGEST_TEXTS if case == "ingest" else 1
 
 
+# Knuth's multiplicative hash constant (a prime): spreads consecutive integers over a range.
+MULTIPLICATIVE_HASH = 2654435761
+
+
 def ingest_words(i: int, k: int) -> int:
     """Words in text k of ingest request i: uniform over INGEST_WORDS by a multiplicative hash."""
     lo, hi = INGEST_WORDS
-    return lo + ((i * INGEST_TEXTS + k) * 2654435761 % 2**32) % (hi - lo + 1)
+    return lo + ((i * INGEST_TEXTS + k) * MULTIPLICATIVE_HASH % 2**32) % (hi - lo + 1)
 
 
 # A request's number as written into its text: a multiplicative scramble of i into 12 digits, one
-# to one over any 9 x 10^11 consecutive i (the multiplier shares no factor with 9 x 10^11). A
+# to one over any 9 x 10^11 consecutive i (the prime multiplier shares no factor with 9 x 10^11). A
 # number's token count depends on its digits, not their count: the raw ceiling's 10^11 + i
 # ("100000000017": mostly zeros) came to ~7% fewer MiniLM tokens than the load generator's
 # random 12-digit bases, and each load level's random base fixed its texts' length. Scrambled,
 # every batch and every level draws its lengths from one spread (docs/benchmarks.md, "Paired rounds").
 NUMBER_SPREAD = 9 * 10**11
-NUMBER_SCRAMBLE = 2654435761
 
 
 def request_number(i: int) -> int:
-    return 10**11 + (i * NUMBER_SCRAMBLE) % NUMBER_SPREAD
+    return 10**11 + (i * MULTIPLICATIVE_HASH) % NUMBER_SPREAD
 
 
 def make_text(i: int, words: int) -> str:

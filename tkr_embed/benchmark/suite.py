@@ -20,6 +20,7 @@ here serve no Qwen2-VL embedder.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -280,7 +281,7 @@ def run_suite(args) -> dict:
     for r in range(args.rounds):
         if args.rounds > 1:
             print(f"[round {r + 1} of {args.rounds}]", file=sys.stderr, flush=True)
-        rounds.append(one_round(args, groups, mm_model, json.loads(json.dumps(earlier_raw)), result["errors"], work))
+        rounds.append(one_round(args, groups, mm_model, copy.deepcopy(earlier_raw), result["errors"], work))
     # The first round keeps the single-run layout (the plot and the report's tables read it);
     # the others follow it in later_rounds, and `paired` sets every round's ratios side by side.
     result["raw"], result["servers"] = rounds[0]["raw"], rounds[0]["servers"]

@@ -133,4 +133,3 @@ def token_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) 
     encode_batch releases it, and for one text costs the same (bench/tokenizer_gil.py;
     docs/benchmarks.md, "Request path")."""
     return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-

@@ -71,9 +71,11 @@ class Qwen2VLEmbedder(EvaluatingForward):
         self.max_tokens = min(max_tokens or DEFAULT_MAX_TOKENS, limit)
 
         self.tokenizer = load_tokenizer(model_dir)
-        # The prompt around each input depends only on its instruction: tokenised once per
-        # instruction, not three tokeniser calls per item (bounded: instructions come from callers).
-        self._prompt_ids = functools.lru_cache(maxsize=64)(self._tokenize_prompt)
+        # The prompt around each input (DESIGN.md): its closing part is the same for every item,
+        # its opening part depends only on the instruction, so neither is tokenised per item
+        # (the cache is bounded: instructions come from callers).
+        self._prompt_suffix = tuple(self._tokenize("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>"))
+        self._prompt_prefix = functools.lru_cache(maxsize=64)(self._tokenize_prefix)
         self.image_token_id = int(config.get("image_token_id", 151655))
         self.vision_start_id = int(config.get("vision_start_token_id", 151652))
         self.vision_end_id = int(config.get("vision_end_token_id", 151653))
@@ -110,16 +112,14 @@ class Qwen2VLEmbedder(EvaluatingForward):
     def _tokenize(self, text: str) -> list[int]:
         return token_ids(self.tokenizer, text, add_special_tokens=False)
 
-    def _tokenize_prompt(self, instruction: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The template's ids before and after an input, for this instruction (DESIGN.md)."""
-        prefix = self._tokenize(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n")
-        suffix = self._tokenize("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
-        return tuple(prefix), tuple(suffix)
+    def _tokenize_prefix(self, instruction: str) -> tuple[int, ...]:
+        """The template's ids before an input, for this instruction (DESIGN.md)."""
+        return tuple(self._tokenize(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n"))
 
     def prepare(self, item: EmbedItem) -> Prepared:
         if item.text is None and not item.images:
             raise UnsupportedInput("empty item")
-        prefix, suffix = self._prompt_ids(item.instruction or DEFAULT_INSTRUCTION)
+        prefix, suffix = self._prompt_prefix(item.instruction or DEFAULT_INSTRUCTION), self._prompt_suffix
         text_ids = self._tokenize(item.text) if item.text else []
 
         patches, grids, image_runs = [], [], []
