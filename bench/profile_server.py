@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,6 +46,28 @@ def thread_cpu(pid: int) -> dict[int, tuple[float, float, int]]:
     return out
 
 
+def child_pids(pid: int) -> list[int]:
+    """The server's child processes: its front ends (server.frontends > 1, serving.py) and
+    multiprocessing's helpers."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def is_frontend(pid: int) -> bool:
+    """A spawned front end, not multiprocessing's resource tracker (both are children)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def process_cpu(pid: int) -> float:
+    """A process's CPU seconds so far, all its threads (0 once it has exited)."""
+    return sum(cpu for cpu, _, _ in thread_cpu(pid).values()) if Path(f"/proc/{pid}").exists() else 0.0
+
+
 def machine_cpu() -> list[float]:
     """The whole machine's CPU seconds so far, from /proc/stat: [busy, idle (iowait included), steal]."""
     fields = [int(x) / CLOCK_TICKS for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -63,8 +86,9 @@ def frame_key(frame: str) -> str:
 
 
 def summarize_profile(raw: Path, top: int) -> tuple[dict[int, str], dict[str, dict]]:
-    """py-spy's collapsed stacks -> (tid -> thread name, thread name -> its top functions, as
-    shares of the thread's samples: inclusive (the function and what it calls) and self)."""
+    """py-spy's collapsed stacks -> (tid -> thread name, thread name -> its sample count and its
+    top functions, as shares of the thread's samples: inclusive (the function and what it calls)
+    and self). With --gil, a thread's samples / (rate x seconds) is its share of the GIL."""
     names: dict[int, str] = {}
     inclusive: dict[str, Counter] = {}
     own: dict[str, Counter] = {}
@@ -91,7 +115,7 @@ def summarize_profile(raw: Path, top: int) -> tuple[dict[int, str], dict[str, di
     def shares(c: Counter, total: int) -> list:
         return [(k, round(v / total, 3)) for k, v in c.most_common(top)]
 
-    return names, {name: {"inclusive": shares(inclusive[name], n), "self": shares(own[name], n)}
+    return names, {name: {"samples": n, "inclusive": shares(inclusive[name], n), "self": shares(own[name], n)}
                    for name, n in totals.items()}
 
 
@@ -116,31 +140,54 @@ def batcher_stats(url: str) -> dict:
 
 def profile_case(running: Running, case: str, args, py_spy: str | None, work: Path) -> dict:
     pid = running.proc.pid
-    spy = raw = None
-    if py_spy:
-        raw = work / f"{case}.txt"
-        spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(args.duration) + 2), "-r", "100",
-                                "-f", "raw", "-o", str(raw), "--threads", "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = child_pids(pid)
     batcher_before = batcher_stats(running.url)
+    # The load generator builds its requests first (448-pixel images: seconds of several cores):
+    # the counters and py-spy start when it starts its clock, so they see the load alone.
+    ready = work / f"{case}.ready"
+    ready.unlink(missing_ok=True)
+    level_out: list = []
+    gen = threading.Thread(target=lambda: level_out.extend(drive(running, case, args, str(ready))), daemon=True)
+    gen.start()
+    while not ready.exists() and gen.is_alive():
+        time.sleep(0.05)
+    spies = []
+    if py_spy:  # the engine (or only) process; with --spy-frontend, one front end beside it
+        frontends = [c for c in children if is_frontend(c)]
+        targets = [("", pid)] + ([("frontend-", frontends[0])] if args.spy_frontend and frontends else [])
+        for prefix, target in targets:
+            raw = work / f"{prefix}{case}.txt"
+            spies.append((prefix, raw, subprocess.Popen(
+                [py_spy, "record", "-p", str(target), "-d", str(int(args.warmup + args.duration)), "-r", "100",
+                 "-f", "raw", "-o", str(raw), "--threads", "--nonblocking", *(["--gil"] if args.gil else [])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    children_before = {c: process_cpu(c) for c in children}
     before, machine_before, t0 = thread_cpu(pid), machine_cpu(), time.perf_counter()
-    level = drive(running, case, args)[0]
+    gen.join()
+    if not level_out:
+        raise RuntimeError(f"the load generator failed for case {case}")
+    level = level_out[0]
     after, wall = thread_cpu(pid), time.perf_counter() - t0
+    children_cpu = {c: process_cpu(c) - b for c, b in children_before.items()}
     machine = [a - b for a, b in zip(machine_cpu(), machine_before)]
     time.sleep(1.2)  # with several front ends the engine's figures travel once a second
     batcher_after = batcher_stats(running.url)
     batches = batcher_after["batches_run"] - batcher_before["batches_run"]
     items = batcher_after["items_run"] - batcher_before["items_run"]
     names, hot = {}, {}
-    if spy is not None:
+    for prefix, raw, spy in spies:
         spy.wait(60)
         if raw.exists():
-            names, hot = summarize_profile(raw, args.top)
+            spied_names, spied_hot = summarize_profile(raw, args.top)
+            if not prefix:
+                names = spied_names
+            hot.update({prefix + name: v for name, v in spied_hot.items()})
     # CPU counters span the unmeasured warm-up too: count the requests served over the same span.
     requests = max(level["requests_per_s"] * wall, 1) if args.warmup else max(level["requests"], 1)
     zero = (0.0, 0.0, 0)
     deltas = {t: [a - b for a, b in zip(after[t], before.get(t, zero))] for t in after}
     threads = sorted(((d[0], t) for t, d in deltas.items()), reverse=True)
+    server_cpu = sum(d for d, _ in threads) + sum(children_cpu.values())
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
         "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
@@ -155,16 +202,19 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         # Time in the kernel and page faults: buffers handed back to the kernel and faulted in
         # again show here (engine/buffer_cache.py).
         "process_sys_s": round(sum(d[1] for d in deltas.values()), 2),
-        # Cores in use over the same span: by this server, by everything else (the load generator,
-        # other tenants), idle, and stolen by the hypervisor.
-        "cores": {"server": round(sum(d for d, _ in threads) / wall, 2),
-                  "others": round((machine[0] - sum(d for d, _ in threads)) / wall, 2),
+        # Cores in use over the same span: by this server (its front ends included), by everything
+        # else (the load generator, other tenants), idle, and stolen by the hypervisor.
+        "cores": {"server": round(server_cpu / wall, 2), "others": round((machine[0] - server_cpu) / wall, 2),
                   "idle": round(machine[1] / wall, 2), "steal": round(machine[2] / wall, 2)},
         "items_run": items,
         "cpu_ms_per_item": round(1000 * sum(d for d, _ in threads) / max(items, 1), 2),
         "minor_faults_per_item": round(sum(d[2] for d in deltas.values()) / max(items, 1)),
+        # Each child process (the front ends) in CPU ms per request and in cores.
+        "children": [{"pid": c, "cpu_ms_per_request": round(1000 * d / requests, 3), "cores": round(d / wall, 2)}
+                     for c, d in sorted(children_cpu.items(), key=lambda kv: -kv[1]) if d >= 0.05],
         "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2), "sys_s": round(deltas[t][1], 2),
                      "cpu_ms_per_request": round(1000 * d / requests, 3)} for d, t in threads if d >= 0.05],
+        "py_spy": {"rate": 100, "seconds": int(args.warmup + args.duration), "gil": args.gil} if spies else None,
         "hot": hot,
     }
 
@@ -180,6 +230,12 @@ def main() -> None:
     ap.add_argument("--image-side", type=int, default=128)
     ap.add_argument("--prebuild-rate", type=float, default=150,
                     help="image cases: requests/s the load generator builds ahead (as `tkr-embed bench`)")
+    ap.add_argument("--loadgen-processes", type=int, default=1,
+                    help="load-generator processes, the clients split between them (as `tkr-embed bench`)")
+    ap.add_argument("--spy-frontend", action="store_true",
+                    help="with several front ends (EMBEDDING__SERVER__FRONTENDS), py-spy one of them too")
+    ap.add_argument("--gil", action="store_true",
+                    help="py-spy samples only the thread holding the GIL: shares become who holds it, and how long")
     ap.add_argument("--top", type=int, default=25, help="functions listed per thread")
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()

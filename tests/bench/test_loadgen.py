@@ -45,6 +45,34 @@ async def test_levels_never_repeat_a_request_and_both_framings_parse():
         assert len(set(texts)) == len(texts), "a request text repeated: the cache would answer it"
 
 
+async def test_the_ready_file_appears_after_every_clients_warm_up_and_before_the_measured_requests(tmp_path):
+    """bench/profile_server.py starts its CPU counters when the file appears: before every
+    connection has warmed up, they would count set-up; never, and the profiler would wait forever."""
+    ready = tmp_path / "level.ready"
+    seen: list[bool] = []
+    bodies: list[bytes] = []
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+                bodies.append(await reader.readexactly(length))
+                seen.append(ready.exists())
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    result = await run_level(url, build_case("short", "/v1/embeddings", "m"), concurrency=4, duration=0.3,
+                             ready_file=str(ready))
+    server.close()
+    assert seen[:4] == [False] * 4, "the file appeared before every client had warmed up"
+    assert all(seen[4:]) and result["requests"] > 0 and ready.exists()
+
+
 async def test_errors_are_counted_not_timed():
     bodies: list[bytes] = []
     server, url = await serve(bodies, chunked=False, status=503)
@@ -133,7 +161,7 @@ async def test_a_level_split_across_processes_counts_every_client_once():
     bodies: list[bytes] = []
     server, url = await serve(bodies, chunked=False)
     args = argparse.Namespace(url=url, path="/v1/embeddings", case="short", model="m", api_key=None, duration=0.5,
-                              warmup_seconds=0, image_side=32, prebuild_rate=0, processes=2)
+                              warmup_seconds=0, image_side=32, prebuild_rate=0, processes=2, ready_file=None)
     # The generator processes block on each other (a barrier): off this event loop, which serves them.
     result = await asyncio.get_running_loop().run_in_executor(None, run_split_level, args, 5)
     server.close()

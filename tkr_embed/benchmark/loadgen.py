@@ -18,9 +18,11 @@ import collections
 import itertools
 import json
 import os
+import queue
 import random
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .cases import build_case, items_per_request
@@ -69,14 +71,16 @@ def quantile_ms(lat: list[float], p: float) -> float | None:
 async def run_level(url: str, requests, concurrency: int, duration: float,
                     headers: dict[str, str] | None = None, warmup: int = 1, warmup_seconds: float = 0,
                     prebuilt: list[tuple[str, bytes]] | None = None, first_number: int | None = None,
-                    start_barrier=None) -> dict:
+                    start_barrier=None, ready_file: str | None = None) -> dict:
     """requests(i) -> (path, body bytes) for the i-th request of the run. Each client sends
     `warmup` requests on its own first; then all run together, unmeasured for `warmup_seconds`
     (a backend that compiles each new batch shape once reaches its steady state), then measured
     for `duration`: only requests sent after the measurement began count. `prebuilt` requests
     (built before the clock, see prebuild()) are sent first; numbers for any built during the
     run start at `first_number`. start_barrier: a blocking call made once every connection is
-    ready (several generator processes start their clocks together: see run_split_level)."""
+    ready (several generator processes start their clocks together: see run_split_level).
+    ready_file: created once every request is built and every connection is ready, as the clock
+    starts (a profiler starts its counters then: bench/profile_server.py)."""
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
     headers = headers or {}
@@ -146,6 +150,8 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
         await asyncio.sleep(0.01)
     if start_barrier is not None:
         await asyncio.get_running_loop().run_in_executor(None, start_barrier)
+    if ready_file:
+        Path(ready_file).touch()
     t0 = measure_from[0] = time.perf_counter() + warmup_seconds
     stop_at[0] = t0 + duration
     start.set()
@@ -205,7 +211,7 @@ def _one_level(args: argparse.Namespace, concurrency: int, share: float = 1.0, s
         runner = asyncio.run
     return runner(run_level(args.url, requests, concurrency, args.duration, headers,
                             warmup_seconds=args.warmup_seconds, prebuilt=ready, first_number=next_number,
-                            start_barrier=start_barrier))
+                            start_barrier=start_barrier, ready_file=args.ready_file))
 
 
 def run_split_level(args: argparse.Namespace, concurrency: int) -> dict:
@@ -223,7 +229,16 @@ def run_split_level(args: argparse.Namespace, concurrency: int) -> dict:
     procs = [ctx.Process(target=_level_process, args=(args, c, c / concurrency, barrier, results)) for c in shares]
     for p in procs:
         p.start()
-    parts = [results.get() for _ in procs]
+    parts: list[dict] = []
+    while len(parts) < n:
+        try:
+            parts.append(results.get(timeout=1))
+        except queue.Empty:  # a process that died without its result would leave us waiting forever
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                for p in procs:
+                    p.terminate()
+                raise RuntimeError(f"a load-generator process failed (exit codes {failed})") from None
     for p in procs:
         p.join()
     return _with_items(merge_levels(parts), args.case)
@@ -273,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                          "processes (image cases: building a PNG request costs the generator milliseconds)")
     ap.add_argument("--processes", type=int, default=1,
                     help="generator processes, the clients split between them (clocks started together)")
+    ap.add_argument("--ready-file", help="create this file as the clock starts (requests built, connections ready)")
     args = ap.parse_args(argv)
     out = []
     for c in args.concurrency:

@@ -160,12 +160,14 @@ def measure_raw(system: str, model: str, case: str, args) -> dict:
     return run_json(argv, timeout=args.raw_timeout, openblas=system == "mlx-engine")
 
 
-def drive(running: Running, case: str, args) -> list[dict]:
+def drive(running: Running, case: str, args, ready_file: str | None = None) -> list[dict]:
+    """The load generator against a running server, one level per args.concurrency; ready_file:
+    see loadgen.run_level."""
     argv = [sys.executable, "-m", "tkr_embed.benchmark.loadgen", "--url", running.url, "--path", running.server.path,
             "--case", case, "--model", running.server.model_name, "--duration", str(args.duration),
             "--warmup-seconds", str(args.warmup), "--prebuild-rate", str(args.prebuild_rate if case in IMAGE_CASES else 0),
             "--image-side", str(args.image_side), "--processes", str(getattr(args, "loadgen_processes", 1)),
-            "--concurrency", *map(str, args.concurrency)]
+            "--concurrency", *map(str, args.concurrency)] + (["--ready-file", ready_file] if ready_file else [])
     return run_json(argv)
 
 
