@@ -151,6 +151,8 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     gen.start()
     while not ready.exists() and gen.is_alive():
         time.sleep(0.05)
+    if not ready.exists():
+        raise RuntimeError(f"the load generator failed for case {case} before its load began")
     spies = []
     if py_spy:  # the engine (or only) process; with --spy-frontend, one front end beside it
         frontends = [c for c in children if is_frontend(c)]

@@ -79,8 +79,9 @@ async def run_level(url: str, requests, concurrency: int, duration: float,
     (built before the clock, see prebuild()) are sent first; numbers for any built during the
     run start at `first_number`. start_barrier: a blocking call made once every connection is
     ready (several generator processes start their clocks together: see run_split_level).
-    ready_file: created once every request is built and every connection is ready, as the clock
-    starts (a profiler starts its counters then: bench/profile_server.py)."""
+    ready_file: created once every request is built and every connection is ready, as the load
+    begins (its unmeasured warm-up seconds, then the measured ones; a profiler starts its counters
+    then: bench/profile_server.py)."""
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
     headers = headers or {}
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                          "processes (image cases: building a PNG request costs the generator milliseconds)")
     ap.add_argument("--processes", type=int, default=1,
                     help="generator processes, the clients split between them (clocks started together)")
-    ap.add_argument("--ready-file", help="create this file as the clock starts (requests built, connections ready)")
+    ap.add_argument("--ready-file", help="create this file as the load begins (requests built, connections ready)")
     args = ap.parse_args(argv)
     out = []
     for c in args.concurrency:
