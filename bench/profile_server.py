@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tkr_embed.benchmark.suite import Running, drive, ensure_tiny_model, free_port, tkr_server  # noqa: E402
+from tkr_embed.benchmark.suite import (Running, cpu_list, drive, ensure_tiny_model, free_port,  # noqa: E402
+                                      tkr_server)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -238,6 +239,8 @@ def main() -> None:
                     help="with several front ends (EMBEDDING__SERVER__FRONTENDS), py-spy one of them too")
     ap.add_argument("--gil", action="store_true",
                     help="py-spy samples only the thread holding the GIL: shares become who holds it, and how long")
+    ap.add_argument("--server-cpus", type=cpu_list, help="Linux: the server on these cores only (as `tkr-embed bench`)")
+    ap.add_argument("--loadgen-cpus", type=cpu_list, help="Linux: the load generator on these cores only")
     ap.add_argument("--top", type=int, default=25, help="functions listed per thread")
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
@@ -250,7 +253,7 @@ def main() -> None:
     py_spy = find_py_spy()
     results = []
     port = free_port()
-    with Running(tkr_server(model, port, args.device), port, work) as running:
+    with Running(tkr_server(model, port, args.device), port, work, args.server_cpus) as running:
         for case in args.cases:
             results.append(profile_case(running, case, args, py_spy, work))
     report = {"model": model, "device": args.device, "py_spy": bool(py_spy), "cases": results}

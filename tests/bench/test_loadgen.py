@@ -205,3 +205,25 @@ def test_request_numbers_are_twelve_digits_and_never_repeat_within_a_level():
         assert len(set(numbers)) == len(numbers)
         assert all(10**11 <= n < 10**12 for n in numbers)
     assert sum(str(request_number(10**11 + k)).count("0") for k in range(64)) < 64 * 4
+
+
+def test_cores_given_to_the_suite_bind_its_child_processes_and_bad_lists_are_refused():
+    import argparse
+    import os
+    import sys
+
+    import pytest
+
+    from tkr_embed.benchmark.suite import cpu_list, run_json
+
+    allowed = os.sched_getaffinity(0)
+    one = min(allowed)
+    assert cpu_list(f"{one}") == {one}
+    assert cpu_list(f"{one}-{one}, {one}") == {one}
+    for bad in ("", "a", "1-b", f"{max(allowed) + 1}"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cpu_list(bad)
+    # A real child: it, and what it starts, runs on the given cores only.
+    probe = "import json, os; print(json.dumps(sorted(os.sched_getaffinity(0))))"
+    assert run_json([sys.executable, "-c", probe], cpus=frozenset({one})) == [one]
+    assert run_json([sys.executable, "-c", probe]) == sorted(allowed)

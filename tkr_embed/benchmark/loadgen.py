@@ -17,7 +17,6 @@ import asyncio
 import collections
 import itertools
 import json
-import os
 import queue
 import random
 import sys
@@ -263,8 +262,10 @@ def prebuild(case: str, path: str, model: str, image_side: int, count: int) -> t
     this one process, it capped an image level near 40 requests/s whatever the server did."""
     from concurrent.futures import ProcessPoolExecutor
 
+    from ..engine.shards import available_cores
+
     base = random.randrange(10**11, 8 * 10**11)
-    workers = max(1, min(os.cpu_count() or 1, 16))
+    workers = min(available_cores(), 16)  # the generator's cores (bench --loadgen-cpus), not the machine's
     step = -(-count // workers) if count else 1
     chunks = [range(base + k, min(base + k + step, base + count)) for k in range(0, count, step)]
     with ProcessPoolExecutor(workers) as pool:

@@ -130,7 +130,9 @@ def torch_forward(model: str, case: str, batches: list[int], seconds: float, dev
     from .torch_reference import Qwen2VLReference, SentenceTransformerReference
 
     path = resolve_model_dir(model).path
-    torch.set_num_threads(os.cpu_count() or 1)
+    from ..engine.shards import available_cores
+
+    torch.set_num_threads(available_cores())  # the cores it may use (bench --server-cpus), not the machine's
     arch = _json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
     if arch.startswith("qwen2"):
         ref = Qwen2VLReference(path, device=device, dtype=dtype)

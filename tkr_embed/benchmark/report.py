@@ -13,6 +13,10 @@ from pathlib import Path
 def tables(result: dict) -> str:
     out = []
     raw = result["raw"]
+    if result.get("cpus"):
+        cpus = result["cpus"]
+        out.append(f"Cores: servers and raw ceilings on {cpus['server'] or 'any'}, load generator on "
+                   f"{cpus['loadgen'] or 'any'}.\n")
     if raw:
         out.append("Raw ceilings (batched forward only; best batch in bold):\n")
         out.append("| case | system | " + " | ".join(f"batch {r['batch']}" for r in next(iter(next(iter(raw.values())).values()))["results"]) + " |")

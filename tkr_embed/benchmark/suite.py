@@ -4,6 +4,7 @@ and the peers a user would pick instead, all in one run on one machine.
     python -m tkr_embed bench                                  # everything available, defaults
     python -m tkr_embed bench --systems tkr-embed infinity --cases short cache --concurrency 1 64
     python -m tkr_embed bench --cases short long --concurrency 64 --rounds 3   # ratios paired per round
+    python -m tkr_embed bench --cases short --server-cpus 0,1 --loadgen-cpus 2-5   # Linux: cores apart
 
 For each model: the raw ceilings first (tkr-embed's MLX engine and the same model in transformers +
 torch, batched forward only), then each server in turn, alone on the machine, with the load
@@ -55,6 +56,34 @@ class Server:
     openblas: bool = True  # preload OpenBLAS (MLX servers); torch-based ones run as installed
 
 
+def cpu_list(text: str) -> frozenset[int]:
+    """--server-cpus / --loadgen-cpus: "0,1" or "0-3,6", within the cores this process may use."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise argparse.ArgumentTypeError("pinning to cores needs Linux (os.sched_setaffinity)")
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of cores: {text!r} (write e.g. 0,1 or 2-5)") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise argparse.ArgumentTypeError(f"cores {sorted(cpus)} are not all among this machine's {sorted(allowed)}")
+    return frozenset(cpus)
+
+
+def pinned(argv: list[str], cpus: frozenset[int] | None) -> list[str]:
+    """argv run on `cpus` only (it and every thread and process it starts), or unchanged where cpus
+    is None. A small Python sets the affinity and execs argv: unlike a preexec_fn, safe to start
+    from a threaded process (profile_server drives from a thread)."""
+    if not cpus:
+        return argv
+    pin = "import os, sys; os.sched_setaffinity(0, {%s}); os.execvp(sys.argv[1], sys.argv[1:])" % (
+        ", ".join(map(str, sorted(cpus))))
+    return [sys.executable, "-c", pin, *argv]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,15 +128,15 @@ def mlx_vlm_server(model_dir: str, port: int) -> Server:
 class Running:
     """A server process, started and stopped around the measurements of it."""
 
-    def __init__(self, server: Server, port: int, log_dir: Path):
-        self.server, self.port = server, port
+    def __init__(self, server: Server, port: int, log_dir: Path, cpus: frozenset[int] | None = None):
+        self.server, self.port, self.cpus = server, port, cpus
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{server.name}.log"
 
     def __enter__(self) -> "Running":
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.server.argv, env=python_env(self.server.env, self.server.openblas),
-                                     stdout=self.log,
+        self.proc = subprocess.Popen(pinned(self.server.argv, self.cpus),
+                                     env=python_env(self.server.env, self.server.openblas), stdout=self.log,
                                      stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self.wait_until_serving()
         return self
@@ -142,8 +171,9 @@ class Running:
 
 
 def run_json(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800,
-             openblas: bool = True) -> dict | list:
-    out = subprocess.run(argv, env=python_env(env, openblas), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+             openblas: bool = True, cpus: frozenset[int] | None = None) -> dict | list:
+    out = subprocess.run(pinned(argv, cpus), env=python_env(env, openblas), cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:6])}... failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -157,7 +187,8 @@ def measure_raw(system: str, model: str, case: str, args) -> dict:
         argv += ["--device", {"gpu": "gpu" if system == "mlx-engine" else "cuda"}.get(args.device, "cpu")]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    return run_json(argv, timeout=args.raw_timeout, openblas=system == "mlx-engine")
+    # On the server's cores: the ceiling is what the engine does with the cores the server gets.
+    return run_json(argv, timeout=args.raw_timeout, openblas=system == "mlx-engine", cpus=args.server_cpus)
 
 
 def drive(running: Running, case: str, args, ready_file: str | None = None) -> list[dict]:
@@ -168,7 +199,7 @@ def drive(running: Running, case: str, args, ready_file: str | None = None) -> l
             "--warmup-seconds", str(args.warmup), "--prebuild-rate", str(args.prebuild_rate if case in IMAGE_CASES else 0),
             "--image-side", str(args.image_side), "--processes", str(getattr(args, "loadgen_processes", 1)),
             "--concurrency", *map(str, args.concurrency)] + (["--ready-file", ready_file] if ready_file else [])
-    return run_json(argv)
+    return run_json(argv, cpus=getattr(args, "loadgen_cpus", None))
 
 
 def machine() -> dict:
@@ -271,6 +302,8 @@ def run_suite(args) -> dict:
     result: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                     "argv": sys.argv[1:], "duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
                     "models": {}, "raw": {}, "servers": {}, "errors": []}
+    if args.server_cpus or args.loadgen_cpus:
+        result["cpus"] = {"server": sorted(args.server_cpus or ()), "loadgen": sorted(args.loadgen_cpus or ())}
     earlier_raw = json.loads(Path(args.raw_from).read_text())["raw"] if args.raw_from else {}
     if args.raw_from:
         result["raw_from"] = args.raw_from  # what --raw names is measured again, over it
@@ -324,7 +357,7 @@ def one_round(args, groups, mm_model: str | None, raw: dict, errors: list[str], 
                       "mlx-vlm": lambda: mlx_vlm_server(model, port)}[name]()
             print(f"[server] starting {name} on {Path(model).name} ...", file=sys.stderr, flush=True)
             try:
-                with Running(server, port, work) as running:
+                with Running(server, port, work, args.server_cpus) as running:
                     for case in cases:
                         print(f"[server] {name} {case} {args.concurrency} ...", file=sys.stderr, flush=True)
                         servers.setdefault(case, {})[name] = drive(running, case, args)
@@ -389,6 +422,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=at_least_one, default=1,
                     help="repeat raw ceilings and servers this many times, alternating; the result gives each "
                          "round's ratios and their median (`paired`)")
+    ap.add_argument("--server-cpus", type=cpu_list,
+                    help="Linux: run each server and the raw ceilings on these cores only (e.g. 0,1)")
+    ap.add_argument("--loadgen-cpus", type=cpu_list,
+                    help="Linux: run the load generator on these cores only (e.g. 2-5): with --server-cpus "
+                         "apart from them, the generator's CPU no longer counts against the server")
     ap.add_argument("--raw-seconds", type=float, default=4)
     ap.add_argument("--raw-timeout", type=float, default=1800, help="seconds one raw measurement may take")
     ap.add_argument("--raw-batch", type=int, nargs="+", default=[1, 8, 16, 32, 64])
