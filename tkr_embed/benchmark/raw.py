@@ -126,12 +126,11 @@ def torch_forward(model: str, case: str, batches: list[int], seconds: float, dev
     import torch
     from PIL import Image
 
+    from ..engine.shards import available_cores
     from ..models.registry import resolve_model_dir
     from .torch_reference import Qwen2VLReference, SentenceTransformerReference
 
     path = resolve_model_dir(model).path
-    from ..engine.shards import available_cores
-
     torch.set_num_threads(available_cores())  # the cores it may use (bench --server-cpus), not the machine's
     arch = _json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
     if arch.startswith("qwen2"):
