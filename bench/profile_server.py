@@ -216,6 +216,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         "children": [{"pid": c, "cpu_ms_per_request": round(1000 * d / requests, 3), "cores": round(d / wall, 2)}
                      for c, d in sorted(children_cpu.items(), key=lambda kv: -kv[1]) if d >= 0.05],
         "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2), "sys_s": round(deltas[t][1], 2),
+                     "minor_faults_per_item": round(deltas[t][2] / max(items, 1), 1),
                      "cpu_ms_per_request": round(1000 * d / requests, 3)} for d, t in threads if d >= 0.05],
         "py_spy": {"rate": 100, "seconds": int(args.warmup + args.duration), "gil": args.gil} if spies else None,
         "hot": hot,
