@@ -190,7 +190,8 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     zero = (0.0, 0.0, 0)
     deltas = {t: [a - b for a, b in zip(after[t], before.get(t, zero))] for t in after}
     threads = sorted(((d[0], t) for t, d in deltas.items()), reverse=True)
-    server_cpu = sum(d for d, _ in threads) + sum(children_cpu.values())
+    process_cpu_s = sum(d for d, _ in threads)  # the engine (or only) process, every thread
+    server_cpu = process_cpu_s + sum(children_cpu.values())
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
         "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
@@ -201,7 +202,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         "server_mean_ms": round(1000 * (batcher_after["http_seconds_sum"] - batcher_before["http_seconds_sum"])
                                 / max(1.0, batcher_after["http_seconds_count"] - batcher_before["http_seconds_count"]), 2),
         "frontend": batcher_after["frontend"],
-        "process_cpu_s": round(sum(d for d, _ in threads), 2),
+        "process_cpu_s": round(process_cpu_s, 2),
         # Time in the kernel and page faults: buffers handed back to the kernel and faulted in
         # again show here (engine/buffer_cache.py).
         "process_sys_s": round(sum(d[1] for d in deltas.values()), 2),
@@ -210,7 +211,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         "cores": {"server": round(server_cpu / wall, 2), "others": round((machine[0] - server_cpu) / wall, 2),
                   "idle": round(machine[1] / wall, 2), "steal": round(machine[2] / wall, 2)},
         "items_run": items,
-        "cpu_ms_per_item": round(1000 * sum(d for d, _ in threads) / max(items, 1), 2),
+        "cpu_ms_per_item": round(1000 * process_cpu_s / max(items, 1), 2),
         "minor_faults_per_item": round(sum(d[2] for d in deltas.values()) / max(items, 1)),
         # Each child process (the front ends) in CPU ms per request and in cores.
         "children": [{"pid": c, "cpu_ms_per_request": round(1000 * d / requests, 3), "cores": round(d / wall, 2)}

@@ -11,13 +11,16 @@ from tkr_embed.benchmark.cases import build_case
 from tkr_embed.benchmark.loadgen import run_level
 
 
-async def serve(bodies: list[bytes], chunked: bool, status: int = 200):
+async def serve(bodies: list[bytes], chunked: bool, status: int = 200, on_request=None):
+    """A minimal HTTP/1.1 server answering every request; on_request() runs as each body arrives."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
                 bodies.append(await reader.readexactly(length))
+                if on_request is not None:
+                    on_request()
                 payload = b'{"ok": true}'
                 if chunked:
                     writer.write(b"HTTP/1.1 %d X\r\nTransfer-Encoding: chunked\r\n\r\n" % status
@@ -50,22 +53,7 @@ async def test_the_ready_file_appears_after_every_clients_warm_up_and_before_the
     connection has warmed up, they would count set-up; never, and the profiler would wait forever."""
     ready = tmp_path / "level.ready"
     seen: list[bool] = []
-    bodies: list[bytes] = []
-
-    async def handle(reader, writer):
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
-                bodies.append(await reader.readexactly(length))
-                seen.append(ready.exists())
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server, url = await serve([], chunked=False, on_request=lambda: seen.append(ready.exists()))
     result = await run_level(url, build_case("short", "/v1/embeddings", "m"), concurrency=4, duration=0.3,
                              ready_file=str(ready))
     server.close()

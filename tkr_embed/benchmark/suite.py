@@ -69,7 +69,8 @@ def cpu_list(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError(f"not a list of cores: {text!r} (write e.g. 0,1 or 2-5)") from None
     allowed = os.sched_getaffinity(0)
     if not cpus or not cpus <= allowed:
-        raise argparse.ArgumentTypeError(f"cores {sorted(cpus)} are not all among the ones this process may use, {sorted(allowed)}")
+        raise argparse.ArgumentTypeError(
+            f"cores {sorted(cpus)} are not all among the ones this process may use, {sorted(allowed)}")
     return frozenset(cpus)
 
 
