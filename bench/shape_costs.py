@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
+import os
 import sys
 import threading
 import time
@@ -39,10 +39,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import mlx.core as mx
-    from PIL import Image
 
-    from tkr_embed.benchmark.raw import case_inputs, load_on_worker
-    from tkr_embed.models.base import DecodedImage, EmbedItem
+    from tkr_embed.benchmark.raw import case_inputs, embed_items, load_on_worker
 
     worker, emb = load_on_worker(args.model, args.device)
     from mlx.utils import tree_flatten
@@ -53,10 +51,7 @@ def main() -> None:
     print(json.dumps({"parameters_by_dtype": dtypes}), flush=True)
     runs = args.repeats * len(args.sizes) if args.fresh_inputs else 1
     inputs = case_inputs(args.case, max(args.sizes) * runs, args.image_side)
-    items = []
-    for i, (text, png) in enumerate(inputs):
-        imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),) if png else ()
-        items.append(EmbedItem(text=text, images=imgs))
+    items = embed_items(inputs)
     prepared = [emb.prepare(it) for it in items]
     stop = threading.Event()
 
@@ -87,7 +82,9 @@ def main() -> None:
             print(json.dumps({"case": args.case, "batch": size, "repeat": r, "fresh": args.fresh_inputs,
                               "busy_threads": args.busy_threads, **row}), flush=True)
     stop.set()
-    worker.stop()
+    # As tkr_embed/benchmark/raw.py: leave without tearing MLX down from the main thread (which
+    # aborted with "terminate called without an active exception" and exit status 134).
+    os._exit(0)
 
 
 if __name__ == "__main__":

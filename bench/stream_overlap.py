@@ -26,7 +26,6 @@ each batch, MLX's host cost per kernel): docs/benchmarks.md, "Two batches in fli
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -86,11 +85,9 @@ def measure(args, sync=None) -> None:
 
     import mlx.core as mx
     import numpy as np
-    from PIL import Image
 
-    from tkr_embed.benchmark.raw import case_inputs
+    from tkr_embed.benchmark.raw import case_inputs, embed_items
     from tkr_embed.engine.worker import MLXWorker
-    from tkr_embed.models.base import DecodedImage, EmbedItem
     from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
     worker = MLXWorker(args.device)
@@ -107,13 +104,7 @@ def measure(args, sync=None) -> None:
     emb, streams = worker.call(setup)
 
     def prepared_for(case: str, b: int):
-        items = []
-        for i, (text, png) in enumerate(case_inputs(case, b, args.image_side)):
-            imgs = ()
-            if png is not None:
-                imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),)
-            items.append(EmbedItem(text=text, images=imgs))
-        return [emb.prepare(it) for it in items]
+        return [emb.prepare(it) for it in embed_items(case_inputs(case, b, args.image_side))]
 
     def launch(prepared, stream):
         with mx.stream(stream):

@@ -45,6 +45,24 @@ def case_inputs(case: str, n: int, image_side: int = 128, offset: int = 0) -> li
     raise ValueError(f"no raw measurement for case {case!r}")
 
 
+def embed_items(inputs: list[tuple[str | None, bytes | None]]) -> list:
+    """case_inputs' (text, PNG bytes) pairs as the EmbedItems a server would make of them
+    (decoded RGB images), for forwards timed without HTTP."""
+    import io
+
+    from PIL import Image
+
+    from ..models.base import DecodedImage, EmbedItem
+
+    items = []
+    for i, (text, png) in enumerate(inputs):
+        imgs = ()
+        if png is not None:
+            imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),)
+        items.append(EmbedItem(text=text, images=imgs))
+    return items
+
+
 def time_batches(run: Callable[[], object], batch: int, seconds: float) -> dict:
     run()  # warm-up (compilation, allocator)
     times = []
@@ -89,23 +107,12 @@ def sharded_engine(model: str, device: str = "cpu", cpu_shards: int = 0, dtype: 
 
 def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None,
                image_side: int = 128, cpu_shards: int = 0) -> dict:
-    import io
-
-    from PIL import Image
-
     from ..blas import describe
-    from ..models.base import DecodedImage, EmbedItem
 
     worker, emb, sharded = sharded_engine(model, device, cpu_shards, dtype)
     rows = []
     for b in batches:
-        items = []
-        for i, (text, png) in enumerate(case_inputs(case, b, image_side)):
-            imgs = ()
-            if png is not None:
-                imgs = (DecodedImage(image=Image.open(io.BytesIO(png)).convert("RGB"), digest=str(i)),)
-            items.append(EmbedItem(text=text, images=imgs))
-        prepared = [emb.prepare(it) for it in items]
+        prepared = [emb.prepare(it) for it in embed_items(case_inputs(case, b, image_side))]
         row = worker.call(time_batches, lambda: sharded(emb, prepared), b, seconds)
         row["tokens_per_item"] = max(p.cost for p in prepared)
         rows.append(row)

@@ -78,6 +78,9 @@ def _save_weights(model, path: Path) -> int:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    weights = dict(tree_flatten(model.parameters()))
+    from .qwen2_vl_fused import separate_qkv_weights
+
+    # On disk in the layout every loader reads, not the fused one the engine runs.
+    weights = separate_qkv_weights(model, dict(tree_flatten(model.parameters())))
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
     return len(weights)

@@ -96,14 +96,19 @@ class Qwen2VLEmbedder(EvaluatingForward):
         )
 
     @classmethod
-    def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str, **kw) -> "Qwen2VLEmbedder":
-        """Worker thread only: builds MLX arrays."""
+    def load(cls, model_dir: Path, model_id: str, config: dict, quantization: str, fuse_qkv: bool = True,
+             **kw) -> "Qwen2VLEmbedder":
+        """Worker thread only: builds MLX arrays. fuse_qkv=False keeps q, k and v as three
+        matmuls per layer (bench/fused_projections.py compares the two)."""
         from .qwen2_vl_checkpoint import load_qwen2_vl
+        from .qwen2_vl_fused import fuse_qkv_projections
         from .qwen2_vl_vision import use_batched_vision
         from .quantize import apply_quantization
 
         model = load_qwen2_vl(model_dir, config)
         use_batched_vision(model)
+        if fuse_qkv:  # before quantising, so the fused rows quantise as the separate ones would
+            fuse_qkv_projections(model.language_model)
         # The vision tower stays in full precision: it is small and sensitive to quantisation.
         apply_quantization(model.language_model, quantization)
         return cls(model_dir, model_id, config, model, quantization, **kw)
