@@ -4,8 +4,9 @@ Why: on MLX's CUDA backend the host spends about as long launching each kernel a
 spends running it, so a batch of short texts is bound by how many kernels it launches rather than
 by its arithmetic (docs/benchmarks.md, "The host launches every kernel"). On an H100 this took a
 Qwen2-VL-2B-sized engine from 2,041 to 2,159 short texts/s at batch 32 (1.09x) and 1.03x at batch
-64, with long texts and images unchanged (docs/benchmarks.md, "Fused q/k/v projections"). Fusing
-the MLP's gate and up projections the same way measured slower (0.97-0.98x) and is not done.
+64, with long texts and images unchanged (docs/benchmarks.md, "q, k and v as one matmul"). Fusing
+the MLP's gate and up projections the same way measured slower (0.97-0.98x) everywhere but short
+batches of 32 (1.03x), so it is not done here (bench/fused_projections.py builds it to compare).
 
 One matmul over the concatenated weights computes exactly the rows the three did (on that H100
 the vectors were bit-identical in bfloat16). Quantised layers fuse the same way: MLX quantises
