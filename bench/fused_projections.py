@@ -53,15 +53,10 @@ def fuse_gate_up(language_model) -> None:
 
 
 def main() -> None:
+    from tkr_embed.benchmark.raw import add_forward_arguments
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a Qwen2-VL embedder's directory")
-    ap.add_argument("--case", nargs="+", default=["short"], choices=["short", "long", "image", "fused"])
-    ap.add_argument("--batch", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--seconds", type=float, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--image-side", type=int, default=448)
+    add_forward_arguments(ap)  # --model: a Qwen2-VL embedder's directory
     ap.add_argument("--variants", nargs="+", default=["separate", "qkv"], choices=VARIANTS,
                     help="the first is the one the others are compared with")
     args = ap.parse_args()

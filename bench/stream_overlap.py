@@ -39,15 +39,10 @@ MODES = ("serial", "pipe1", "pipe2")
 
 
 def main() -> None:
+    from tkr_embed.benchmark.raw import add_forward_arguments
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--case", nargs="+", default=["short"])
-    ap.add_argument("--batch", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--seconds", type=float, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--image-side", type=int, default=448)
+    add_forward_arguments(ap)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--processes", type=int, default=1)
     args = ap.parse_args()

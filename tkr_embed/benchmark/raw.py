@@ -63,6 +63,19 @@ def embed_items(inputs: list[tuple[str | None, bytes | None]]) -> list:
     return items
 
 
+def add_forward_arguments(ap) -> None:
+    """The options of the bench/ scripts that time one model's forward on prepared batches
+    (stream_overlap, fused_projections): model, cases, batch sizes, time, rounds, device."""
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--case", nargs="+", default=["short"], choices=["short", "long", "ingest", "image", "fused"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--seconds", type=float, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--image-side", type=int, default=448)
+
+
 def time_batches(run: Callable[[], object], batch: int, seconds: float) -> dict:
     run()  # warm-up (compilation, allocator)
     times = []

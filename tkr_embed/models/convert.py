@@ -51,7 +51,7 @@ def convert(src: str, dst: str | Path, quantize: str | None = None, show_progres
         bar.update()
         bar.set_postfix_str("saving weights")
         dst.mkdir(parents=True, exist_ok=True)
-        n_params = worker.call(_save_weights, loaded.embedder.model, dst / "model.safetensors")
+        n_params = worker.call(_save_weights, loaded.embedder.model, dst / "model.safetensors", family)
         bar.update()
     finally:
         worker.stop()
@@ -73,14 +73,15 @@ def convert(src: str, dst: str | Path, quantize: str | None = None, show_progres
             "bytes": (dst / "model.safetensors").stat().st_size}
 
 
-def _save_weights(model, path: Path) -> int:
+def _save_weights(model, path: Path, family: str) -> int:
     """Worker thread only."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .qwen2_vl_fused import separate_qkv_weights
+    weights = dict(tree_flatten(model.parameters()))
+    if family == "qwen2_vl":  # on disk in the layout every loader reads, not the fused one the engine runs
+        from .qwen2_vl_fused import separate_qkv_weights
 
-    # On disk in the layout every loader reads, not the fused one the engine runs.
-    weights = separate_qkv_weights(model, dict(tree_flatten(model.parameters())))
+        weights = separate_qkv_weights(model, weights)
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
     return len(weights)

@@ -104,11 +104,10 @@ def fuse_qkv_projections(language_model: Any) -> int:
 
 
 def separate_qkv_weights(model: Any, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """`model`'s flat parameters (`weights`, as tree_flatten names them) in the checkpoint layout
-    every Qwen2-VL loader reads: each fused qkv_proj split back into q_proj, k_proj and v_proj
-    (`models convert` saves these). Models without fused layers pass through unchanged."""
-    layers = getattr(getattr(getattr(model, "language_model", None), "model", None), "layers", None) or []
-    for i, layer in enumerate(layers):
+    """A Qwen2-VL `model`'s flat parameters (`weights`, as tree_flatten names them) in the
+    checkpoint layout every Qwen2-VL loader reads: each fused qkv_proj split back into q_proj,
+    k_proj and v_proj (`models convert` saves these). Layers left unfused pass through."""
+    for i, layer in enumerate(model.language_model.model.layers):
         attn = layer.self_attn
         if not isinstance(attn, FusedQKVAttention):
             continue
