@@ -131,6 +131,7 @@ def batcher_stats(url: str) -> dict:
     stats = info["batcher"]
     stats["worker_busy_s"] = info.get("worker", {}).get("busy_seconds", 0.0)
     stats["frontend"] = info.get("frontends")  # several front ends: the one this request reached
+    stats["shapes"] = info.get("worker", {}).get("shapes") or []  # bucketed shapes run (CUDA)
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     for part in ("sum", "count"):
@@ -177,6 +178,17 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     batcher_after = batcher_stats(running.url)
     batches = batcher_after["batches_run"] - batcher_before["batches_run"]
     items = batcher_after["items_run"] - batcher_before["items_run"]
+    # The worker's forward time per bucketed shape over the span: which shapes the load made, and
+    # what each cost the server (compare bench/worker_neighbours.py --shapes on the raw loop).
+    shapes_before = {(x["rows"], x["length"]): x for x in batcher_before["shapes"]}
+    shapes = []
+    for x in batcher_after["shapes"]:
+        b = shapes_before.get((x["rows"], x["length"]), {})
+        n = x["batches"] - b.get("batches", 0)
+        if n > 0:
+            mean = {f"{k.removesuffix('seconds')}ms": round(1000 * (x[k] - b.get(k, 0.0)) / n, 2)
+                    for k in ("seconds", "build_seconds", "cpu_seconds") if x[k] is not None}
+            shapes.append({"rows": x["rows"], "length": x["length"], "batches": n, **mean})
     names, hot = {}, {}
     for prefix, raw, spy in spies:
         spy.wait(60)
@@ -195,6 +207,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
         "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
+        "shapes": shapes,
         # Share of the span the MLX worker ran jobs: the rest it waited for the event loop or for work.
         "worker_busy_share": round((batcher_after["worker_busy_s"] - batcher_before["worker_busy_s"]) / wall, 3),
         # Mean time a request spent inside the server (first byte in to last byte out), against

@@ -24,8 +24,10 @@ def image(seed: int):
 
 @pytest.fixture(scope="module")
 async def linked(tiny_dir, tmp_path_factory):
-    """(engine service, its host, a front-end service linked to it)."""
-    settings = make_settings(str(tiny_dir), **{"engine.max_queue_items": 6, "cache.enabled": False})
+    """(engine service, its host, a front-end service linked to it). Batches padded to bucketed
+    shapes, as on CUDA, so the engine's tally of shapes has something to carry."""
+    settings = make_settings(str(tiny_dir), **{"engine.max_queue_items": 6, "cache.enabled": False,
+                                                "engine.shape_buckets": "on", "engine.max_batch_items": 16})
     engine = EmbeddingService(settings)
     host = EngineHost(engine)
     engine.on_batch = host.observe_batch
@@ -57,6 +59,7 @@ async def test_frontend_embeds_what_the_engine_embeds(linked):
     assert info["frontends"]["linked"] == 1 and info["batcher"]["items_run"] >= 4
     assert front.counters()["items_by_modality"]["image+text"] == 1  # summed by the engine
     assert sum(front.batch_sizes().values()) == engine.batcher.batches_run
+    assert info["worker"]["shapes"] == engine.shape_times() and sum(s["batches"] for s in engine.shape_times()) > 2
     assert front.worker.stalled(120) is None
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from tkr_embed.engine.batcher import QueueFull
 from tkr_embed.engine.service import EmbeddingService, ModalityNotSupported
+from tkr_embed.engine.shapes import bucket
 from tkr_embed.models.base import EmbedItem
 from tests.conftest import MINILM_SPEC
 from tests.helpers import cosine, make_settings
@@ -141,7 +142,17 @@ async def test_shape_buckets_warm_every_batch_size_and_change_no_vector(service)
         assert bucketed.info()["worker"]["cpu_shards"] == 1
         # warm-up: one pass per shard count, then one per bucket up to 16 items
         assert bucketed.worker.jobs_run >= 1 + len([1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16])
+        warmed = {(s["rows"], s["length"]): s["batches"] for s in bucketed.info()["worker"]["shapes"]}
+        assert sorted(rows for rows, _ in warmed) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
         texts = [f"bucketed request {i} " + "word " * (i * 3) for i in range(11)]
+        # one 11-item request: one forward pass, 12 rows padded to the longest text's length bucket
+        alike = [EmbedItem(text=f"one request of alike texts, item {i}") for i in range(11)]
+        longest = max(p.cost for p in bucketed._prepare_all(alike))
+        await bucketed.embed(alike)
+        shapes = {(s["rows"], s["length"]): s for s in bucketed.info()["worker"]["shapes"]}
+        ran = shapes[(12, bucket(longest))]
+        assert ran["batches"] == warmed.get((12, bucket(longest)), 0) + 1
+        assert 0 < ran["build_seconds"] < ran["seconds"] and ran["cpu_seconds"] > 0
         padded = await asyncio.gather(*(bucketed.embed([EmbedItem(text=t)]) for t in texts))
         plain = await asyncio.gather(*(service.embed([EmbedItem(text=t)]) for t in texts))
         for a, b in zip(padded, plain):
@@ -150,3 +161,4 @@ async def test_shape_buckets_warm_every_batch_size_and_change_no_vector(service)
     finally:
         await bucketed.stop()
     assert service.info()["worker"]["shape_buckets"] is False  # auto on a CPU backend
+    assert service.info()["worker"]["shapes"] is None

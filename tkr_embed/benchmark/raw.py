@@ -101,15 +101,18 @@ def load_on_worker(model: str, device: str = "cpu"):
     return worker, worker.call(load_embedder, resolve_model_dir(model), "none").embedder
 
 
-def sharded_engine(model: str, device: str = "cpu", cpu_shards: int = 0, dtype: str | None = None):
+def sharded_engine(model: str, device: str = "cpu", cpu_shards: int = 0, dtype: str | None = None,
+                   shape_buckets: str = "off"):
     """The engine's own forward on a started worker: (worker, embedder, forward), the forward
-    split across CPU streams as the server does (engine.cpu_shards), never padded to shape
-    buckets (the server's padding counts against the server, not here), its decoder compiled
-    where the server's would be (engine.compile: auto), packed where the server's would be."""
+    split across CPU streams as the server does (engine.cpu_shards), by default never padded to
+    shape buckets (the server's padding counts against the server, not here; shape_buckets="on"
+    pads as a CUDA server does, for bench/ scripts that compare its batches shape by shape), its
+    decoder compiled where the server's would be (engine.compile: auto), packed where the
+    server's would be."""
     from ..engine.shards import make_sharded_forward
 
     worker, emb = load_on_worker(model, device)
-    forward = worker.call(make_sharded_forward, cpu_shards, "off", 64, "auto")
+    forward = worker.call(make_sharded_forward, cpu_shards, shape_buckets, 64, "auto")
     if dtype:
         import mlx.core as mx
 

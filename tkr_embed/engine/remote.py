@@ -146,6 +146,9 @@ class FrontendService(EmbeddingService):
     def batch_sizes(self) -> dict[int, int]:
         return {int(k): v for k, v in self.link.snapshot.get("batch_sizes", {}).items()}
 
+    def shape_times(self) -> list[dict] | None:
+        return self.link.snapshot.get("worker", {}).get("shapes")
+
     def engine_layout(self) -> dict:
         """The engine process's (it runs the model; this process only prepares inputs)."""
         return self.link.meta["layout"]

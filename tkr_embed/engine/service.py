@@ -297,6 +297,11 @@ class EmbeddingService:
         """Forward passes by size, where the Metrics histogram cannot observe them (None: it does)."""
         return None
 
+    def shape_times(self) -> list[dict] | None:
+        """Forward passes per bucketed shape and the worker's seconds in them, for /info (None:
+        batches are not bucketed). Every model of a pool shares the worker, and this tally."""
+        return self.sharded.shape_times()
+
     def engine_layout(self) -> dict:
         """How the engine runs the model: the model's own description and the forward pass's
         switches (a front end reports the engine process's, as it learned them on linking)."""
@@ -336,6 +341,7 @@ class EmbeddingService:
                 "busy_seconds": round(self.worker.busy_seconds, 3),
                 "jobs_run": self.worker.jobs_run,
                 "device": self.settings.model.device,  # the worker's, shared by every model
+                "shapes": self.shape_times(),  # bucketed shapes run: batches and seconds each
                 **{k: v for k, v in layout.items() if k != "describe"},  # describe went into "model"
             },
             "uptime_seconds": round(time.time() - self.started_at, 1),

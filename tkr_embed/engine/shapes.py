@@ -64,6 +64,34 @@ def resolve_compile(setting: str, on_cpu: bool, cuda: bool) -> bool:
     return resolve_shape_buckets(setting, on_cpu, cuda)
 
 
+class ShapeTally:
+    """Forward passes per bucketed shape and the worker's time in them: which shapes a server
+    runs and what each costs it (/info worker.shapes). Bounded: a few dozen shapes at most.
+    Per shape: batches; seconds in all; of those, seconds building the graph (Python, under the
+    GIL; None where the model does not say); and the worker thread's CPU seconds (less than
+    `seconds` where it waited: for the device, or for the GIL). Written by the worker thread,
+    read by the event loop (a copy, under the GIL)."""
+
+    FIELDS = ("batches", "seconds", "build_seconds", "cpu_seconds")
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[int, int], list[float]] = {}
+
+    def add(self, rows: int, length: int, seconds: float, build_seconds: float | None, cpu_seconds: float) -> None:
+        run = self._runs.setdefault((rows, length), [0, 0.0, 0.0, 0.0])
+        run[0] += 1
+        run[1] += seconds
+        run[2] = None if build_seconds is None or run[2] is None else run[2] + build_seconds
+        run[3] += cpu_seconds
+
+    def report(self) -> list[dict]:
+        """[{rows, length, batches, seconds, build_seconds, cpu_seconds}], most batches first."""
+        runs = [(shape, list(run)) for shape, run in list(self._runs.items())]
+        return [{"rows": r, "length": n, "batches": int(run[0]),
+                 **{k: None if v is None else round(v, 4) for k, v in zip(self.FIELDS[1:], run[1:])}}
+                for (r, n), run in sorted(runs, key=lambda kv: -kv[1][0])]
+
+
 class ShapeBuckets:
     """Pads batches to bucketed shapes, never beyond the engine's and the model's own limits.
     length_steps: padded lengths per power of two (engine.length_buckets)."""
@@ -71,6 +99,7 @@ class ShapeBuckets:
     def __init__(self, max_items: int, length_steps: int = STEPS_PER_OCTAVE):
         self.max_items = max_items
         self.length_steps = length_steps
+        self.tally = ShapeTally()
 
     def shape(self, items: int, longest: int, max_tokens: int) -> tuple[int, int]:
         """(rows, padded length) a batch of `items` whose longest item costs `longest` runs as."""

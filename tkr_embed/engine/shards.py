@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from typing import Sequence
 
 import numpy as np
@@ -146,6 +147,10 @@ class ShardedForward:
         tokens, which is what the batcher's budget should count."""
         return bool(getattr(embedder, "packed", False))
 
+    def shape_times(self) -> list[dict] | None:
+        """Forward passes per bucketed shape and their time (None: batches are not bucketed)."""
+        return None if self.buckets is None else self.buckets.tally.report()
+
     def padded_tokens(self, max_tokens: int) -> PaddedTokens:
         """(items, longest cost) -> tokens the device computes for such a batch: the batcher's
         budget counts this. Bucketed: the padded shape; CPU streams: items x longest (an upper
@@ -159,7 +164,13 @@ class ShardedForward:
 
         if self.buckets is not None:
             padded, length = self.buckets.pad(batch, embedder.max_tokens)
-            return embedder.forward(padded, length)[: len(batch)]
+            start, cpu = time.perf_counter(), time.thread_time()
+            if hasattr(embedder, "forward_timed"):
+                vectors, build = embedder.forward_timed(padded, length)
+            else:
+                vectors, build = embedder.forward(padded, length), None
+            self.buckets.tally.add(len(padded), length, time.perf_counter() - start, build, time.thread_time() - cpu)
+            return vectors[: len(batch)]
         if self.shards == 1:
             return embedder.forward(batch)
         if self.packs(embedder):
