@@ -51,7 +51,8 @@ def main() -> None:
     import numpy as np
 
     from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches
-    from tkr_embed.engine.shards import ShardedForward, available_cores
+    from tkr_embed.cores import available_cores
+    from tkr_embed.engine.shards import ShardedForward
     from tkr_embed.models.base import EmbedItem
 
     before = load_module_at(args.before, "tkr_embed/models/fast_ops.py", "fast_ops_before")

@@ -19,7 +19,8 @@ import os
 from tkr_embed.benchmark.raw import case_inputs, load_on_worker, time_batches
 from tkr_embed.blas import describe as blas
 from tkr_embed.blas import set_blas_threads
-from tkr_embed.engine.shards import ShardedForward, available_cores
+from tkr_embed.cores import available_cores
+from tkr_embed.engine.shards import ShardedForward
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.fast_ops import set_fast_cpu_ops
 

@@ -18,7 +18,7 @@ import time
 
 from tkr_embed.benchmark.raw import case_inputs, load_on_worker
 from tkr_embed.blas import set_blas_threads
-from tkr_embed.engine.shards import available_cores
+from tkr_embed.cores import available_cores
 from tkr_embed.models.base import EmbedItem
 
 

@@ -273,7 +273,7 @@ def serve_with_frontends(settings: Settings, resolved: ResolvedModel) -> int:
     # Each front end's CPU pool and the engine's: a thread per core in every process would
     # oversubscribe; the engine needs none (it does not tokenise), front ends share the cores.
     if not settings.engine.cpu_threads:
-        from .engine.shards import available_cores  # the cores this process may use, not the machine's
+        from .cores import available_cores  # the cores this process may use, not the machine's
 
         cores = max(1, available_cores() // settings.server.frontends)
         settings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"cpu_threads": cores})})

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tkr_embed.engine.shards import available_cores
+from tkr_embed.cores import available_cores
 
 from tests.api.test_operations import sample
 from tests.e2e.server import ROOT, running_server, tkr_embed_cmd

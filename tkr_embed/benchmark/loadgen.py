@@ -262,7 +262,7 @@ def prebuild(case: str, path: str, model: str, image_side: int, count: int) -> t
     this one process, it capped an image level near 40 requests/s whatever the server did."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..engine.shards import available_cores
+    from ..cores import available_cores
 
     base = random.randrange(10**11, 8 * 10**11)
     workers = min(available_cores(), 16)  # the generator's cores (bench --loadgen-cpus), not the machine's

@@ -149,7 +149,7 @@ def torch_forward(model: str, case: str, batches: list[int], seconds: float, dev
     import torch
     from PIL import Image
 
-    from ..engine.shards import available_cores
+    from ..cores import available_cores
     from ..models.registry import resolve_model_dir
     from .torch_reference import Qwen2VLReference, SentenceTransformerReference
 

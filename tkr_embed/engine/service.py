@@ -25,7 +25,8 @@ from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve
 from .batcher import Batcher, resolve_batch_tokens
 from .cache import EmbeddingCache, item_key
 from .shapes import buckets_up_to
-from .shards import ShardedForward, available_cores, make_sharded_forward
+from ..cores import available_cores
+from .shards import ShardedForward, make_sharded_forward
 from .worker import MLXWorker
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import time
 from typing import Sequence
@@ -29,18 +28,12 @@ from typing import Sequence
 import numpy as np
 
 from ..blas import set_blas_threads
+from ..cores import available_cores
 from ..models.base import Embedder, Prepared
 from .shapes import (STEPS_PER_OCTAVE, PaddedTokens, ShapeBuckets, resolve_compile, resolve_shape_buckets,
                      unpadded_shape)
 
 log = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def resolve_shards(setting: int, on_cpu: bool) -> int:
