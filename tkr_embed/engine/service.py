@@ -20,12 +20,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import ModelSettings, Settings
+from ..cores import available_cores
 from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
 from .batcher import Batcher, resolve_batch_tokens
 from .cache import EmbeddingCache, item_key
 from .shapes import buckets_up_to
-from ..cores import available_cores
 from .shards import ShardedForward, make_sharded_forward
 from .worker import MLXWorker
 

@@ -69,8 +69,9 @@ class ShapeTally:
     runs and what each costs it (/info worker.shapes). Bounded: a few dozen shapes at most.
     Per shape: batches; seconds in all; of those, seconds building the graph (Python, under the
     GIL; None where the model does not say); and the worker thread's CPU seconds (less than
-    `seconds` where it waited: for the device, or for the GIL). Written by the worker thread,
-    read by the event loop (a copy, under the GIL)."""
+    `seconds` where it waited: for the device, or for the GIL; on the CPU backend MLX computes on
+    its streams' threads, so there it is the worker's own share only). Written by the worker
+    thread, read by the event loop (a copy, under the GIL)."""
 
     FIELDS = ("batches", "seconds", "build_seconds", "cpu_seconds")
 
