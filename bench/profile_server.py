@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from tkr_embed.benchmark.suite import (Running, cpu_list, drive, ensure_tiny_model, free_port,  # noqa: E402
                                       tkr_server)
+from tkr_embed.engine.shapes import per_batch_ms  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -179,16 +180,9 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     batches = batcher_after["batches_run"] - batcher_before["batches_run"]
     items = batcher_after["items_run"] - batcher_before["items_run"]
     # The worker's forward time per bucketed shape over the span: which shapes the load made, and
-    # what each cost the server (compare bench/worker_neighbours.py --shapes on the raw loop).
-    shapes_before = {(x["rows"], x["length"]): x for x in batcher_before["shapes"]}
-    shapes = []
-    for x in batcher_after["shapes"]:
-        b = shapes_before.get((x["rows"], x["length"]), {})
-        n = x["batches"] - b.get("batches", 0)
-        if n > 0:
-            mean = {f"{k.removesuffix('seconds')}ms": round(1000 * (x[k] - b.get(k, 0.0)) / n, 2)
-                    for k in ("seconds", "build_seconds", "cpu_seconds") if x[k] is not None}
-            shapes.append({"rows": x["rows"], "length": x["length"], "batches": n, **mean})
+    # what each cost the server (the raw loop's: bench/worker_neighbours.py --neighbours quiet
+    # --batch ROWS...).
+    shapes = per_batch_ms(batcher_after["shapes"], batcher_before["shapes"])
     names, hot = {}, {}
     for prefix, raw, spy in spies:
         spy.wait(60)

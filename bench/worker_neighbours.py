@@ -172,6 +172,7 @@ class Neighbour:
 
 def main() -> None:
     from tkr_embed.benchmark.raw import case_inputs, embed_items, sharded_engine
+    from tkr_embed.engine.shapes import per_batch_ms
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -218,10 +219,7 @@ def main() -> None:
             ratios[key] = round(statistics.median(q / x for q, x in zip(quiet, v)), 3)
     # every timed forward per bucketed shape, all neighbours together: mean ms in all, building the
     # graph, and the worker's CPU (as bench/profile_server.py reports the server's)
-    tally = [{"rows": x["rows"], "length": x["length"], "batches": x["batches"],
-              **{f"{k.removesuffix('seconds')}ms": round(1000 * x[k] / x["batches"], 2)
-                 for k in ("seconds", "build_seconds", "cpu_seconds") if x[k] is not None}}
-             for x in forward.shape_times()]
+    tally = per_batch_ms(forward.shape_times())
     print(json.dumps({"device": args.device, "dtype": args.dtype, "rate": args.rate, "shapes (rows, length)": shapes,
                       "median_batch_ms": rows, "speed_vs_quiet": ratios, "echo_frames_per_s": rates,
                       "shapes": tally}), flush=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tkr_embed.engine.shapes import ShapeBuckets, bucket, buckets_up_to, resolve_compile, resolve_shape_buckets
+from tkr_embed.engine.shapes import (ShapeBuckets, ShapeTally, bucket, buckets_up_to, per_batch_ms, resolve_compile,
+                                    resolve_shape_buckets)
 from tkr_embed.engine.shards import ShardedForward
 from tkr_embed.models.base import EmbedItem
 from tkr_embed.models.registry import load_embedder, resolve_model_dir
@@ -128,3 +129,19 @@ async def test_batcher_budget_counts_bucketed_rows_on_real_forward_passes(worker
     assert batcher.padded_tokens == 20 * length and batcher.real_tokens == 20 * cost
     alone = forward_each_alone(worker, minilm, prepared)
     np.testing.assert_allclose(np.stack(vectors), alone, atol=2e-5)
+
+
+def test_shape_tally_reports_what_the_batches_between_two_reports_cost():
+    tally = ShapeTally()
+    tally.add(32, 48, 0.016, 0.002, 0.014)
+    before = tally.report()
+    tally.add(32, 48, 0.020, 0.003, 0.018)
+    tally.add(32, 48, 0.010, 0.001, 0.008)
+    tally.add(40, 48, 0.030, 0.004, 0.020)
+    assert tally.report()[0] == {"rows": 32, "length": 48, "batches": 3, "seconds": 0.046,
+                                 "build_seconds": 0.006, "cpu_seconds": 0.04}
+    # only the batches since `before`: two of (32, 48), one of (40, 48)
+    assert per_batch_ms(tally.report(), before) == [
+        {"rows": 32, "length": 48, "batches": 2, "ms": 15.0, "build_ms": 2.0, "cpu_ms": 13.0},
+        {"rows": 40, "length": 48, "batches": 1, "ms": 30.0, "build_ms": 4.0, "cpu_ms": 20.0}]
+    assert per_batch_ms(before, before) == []

@@ -68,7 +68,7 @@ class ShapeTally:
     """Forward passes per bucketed shape and the worker's time in them: which shapes a server
     runs and what each costs it (/info worker.shapes). Bounded: a few dozen shapes at most.
     Per shape: batches; seconds in all; of those, seconds building the graph (Python, under the
-    GIL; None where the model does not say); and the worker thread's CPU seconds (less than
+    GIL); and the worker thread's CPU seconds (less than
     `seconds` where it waited: for the device, or for the GIL; on the CPU backend MLX computes on
     its streams' threads, so there it is the worker's own share only). Written by the worker
     thread, read by the event loop (a copy, under the GIL)."""
@@ -78,19 +78,32 @@ class ShapeTally:
     def __init__(self) -> None:
         self._runs: dict[tuple[int, int], list[float]] = {}
 
-    def add(self, rows: int, length: int, seconds: float, build_seconds: float | None, cpu_seconds: float) -> None:
+    def add(self, rows: int, length: int, seconds: float, build_seconds: float, cpu_seconds: float) -> None:
         run = self._runs.setdefault((rows, length), [0, 0.0, 0.0, 0.0])
-        run[0] += 1
-        run[1] += seconds
-        run[2] = None if build_seconds is None or run[2] is None else run[2] + build_seconds
-        run[3] += cpu_seconds
+        for i, value in enumerate((1, seconds, build_seconds, cpu_seconds)):
+            run[i] += value
 
     def report(self) -> list[dict]:
         """[{rows, length, batches, seconds, build_seconds, cpu_seconds}], most batches first."""
         runs = [(shape, list(run)) for shape, run in list(self._runs.items())]
         return [{"rows": r, "length": n, "batches": int(run[0]),
-                 **{k: None if v is None else round(v, 4) for k, v in zip(self.FIELDS[1:], run[1:])}}
+                 **{k: round(v, 4) for k, v in zip(self.FIELDS[1:], run[1:])}}
                 for (r, n), run in sorted(runs, key=lambda kv: -kv[1][0])]
+
+
+def per_batch_ms(after: list[dict], before: list[dict] = ()) -> list[dict]:
+    """Two ShapeTally reports (/info worker.shapes) -> what the batches between them cost:
+    [{rows, length, batches, ms, build_ms, cpu_ms}] per shape that ran (means per batch)."""
+    earlier = {(x["rows"], x["length"]): x for x in before}
+    out = []
+    for x in after:
+        b = earlier.get((x["rows"], x["length"]), {})
+        n = x["batches"] - b.get("batches", 0)
+        if n > 0:
+            out.append({"rows": x["rows"], "length": x["length"], "batches": n,
+                        **{f"{k.removesuffix('seconds')}ms": round(1000 * (x[k] - b.get(k, 0.0)) / n, 2)
+                           for k in ShapeTally.FIELDS[1:]}})
+    return out
 
 
 class ShapeBuckets:

@@ -156,14 +156,7 @@ class ShardedForward:
         import mlx.core as mx
 
         if self.buckets is not None:
-            padded, length = self.buckets.pad(batch, embedder.max_tokens)
-            start, cpu = time.perf_counter(), time.thread_time()
-            if hasattr(embedder, "forward_timed"):
-                vectors, build = embedder.forward_timed(padded, length)
-            else:
-                vectors, build = embedder.forward(padded, length), None
-            self.buckets.tally.add(len(padded), length, time.perf_counter() - start, build, time.thread_time() - cpu)
-            return vectors[: len(batch)]
+            return self._bucketed(embedder, batch)
         if self.shards == 1:
             return embedder.forward(batch)
         if self.packs(embedder):
@@ -184,6 +177,21 @@ class ShardedForward:
         for run, out in zip(runs, outs):
             result[run] = np.array(out, copy=False)
         return result
+
+    def _bucketed(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
+        """The batch padded to its bucketed shape, timed for the shape tally: building the graph
+        (Python, holding the GIL) apart from evaluating it (MLX, the GIL released) and the copy out."""
+        import mlx.core as mx
+
+        padded, length = self.buckets.pad(batch, embedder.max_tokens)
+        start, cpu = time.perf_counter(), time.thread_time()
+        pooled = embedder.encode(padded, length)
+        built = time.perf_counter()
+        mx.eval(pooled)
+        vectors = np.array(pooled, copy=True)[: len(batch)]
+        self.buckets.tally.add(len(padded), length, time.perf_counter() - start, built - start,
+                               time.thread_time() - cpu)
+        return vectors
 
     def _whole(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
         """The batch unsplit, on the default stream, with a BLAS thread per shard for the

@@ -7,7 +7,6 @@ is only ever called on the engine's worker thread.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -109,18 +108,11 @@ class EvaluatingForward:
     """forward() for embedders that define encode(): evaluate the lazy vectors, hand back numpy."""
 
     def forward(self, batch: Sequence[Prepared], length: int | None = None) -> np.ndarray:
-        return self.forward_timed(batch, length)[0]
-
-    def forward_timed(self, batch: Sequence[Prepared], length: int | None = None) -> tuple[np.ndarray, float]:
-        """forward(), and the seconds it spent building the lazy graph: Python, holding the GIL
-        (the rest is MLX evaluating it with the GIL released, and the copy out)."""
         import mlx.core as mx
 
-        start = time.perf_counter()
         pooled = self.encode(batch, length)
-        built = time.perf_counter()
         mx.eval(pooled)
-        return np.array(pooled, copy=True), built - start
+        return np.array(pooled, copy=True)
 
 
 # ---- tokenizers ---------------------------------------------------------------------------
