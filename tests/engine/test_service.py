@@ -83,15 +83,14 @@ async def test_full_queue_rejects_whole_request(service):
 
 async def test_items_of_a_departed_client_are_dropped_before_the_forward_pass(service):
     busy = service.worker.submit(time.sleep, 0.5)  # hold the worker
-    first = asyncio.ensure_future(service.embed([EmbedItem(text="kept while busy")]))
-    await asyncio.sleep(0.05)  # the batcher takes it and waits on the worker
     items_run, dropped = service.batcher.items_run, service.batcher.items_dropped
+    first = asyncio.ensure_future(service.embed([EmbedItem(text="kept while busy")]))
     gone = asyncio.ensure_future(service.embed([EmbedItem(text="client that leaves")]))
     for _ in range(50):
         await asyncio.sleep(0.01)
-        if service.batcher.depth:
+        if service.batcher.depth == 2:
             break
-    assert service.batcher.depth == 1
+    assert service.batcher.depth == 2  # both wait: the worker takes a batch only once it is free
     gone.cancel()
     await busy
     await first

@@ -104,6 +104,7 @@ async def test_batcher_budget_counts_bucketed_rows_on_real_forward_passes(worker
     queue of 20 equal texts runs as 8 + 8 + 4 (9 would pad to 10 rows, over the budget), each row
     of every batch gets its own vector, and padded_tokens counts the rows the device ran."""
     import asyncio
+    import functools
 
     from tkr_embed.engine.batcher import Batcher
 
@@ -115,11 +116,8 @@ async def test_batcher_budget_counts_bucketed_rows_on_real_forward_passes(worker
     length = padded(1, cost)
     assert padded(9, cost) == 10 * length  # 9 items pad to 10 rows
 
-    async def run(batch):
-        return await worker.submit(forward, minilm, list(batch))
-
-    batcher = Batcher(run, max_batch_tokens=9 * length, max_batch_items=64, max_queue_items=100,
-                      padded_tokens=padded)
+    batcher = Batcher(worker, functools.partial(forward, minilm), max_batch_tokens=9 * length,
+                      max_batch_items=64, max_queue_items=100, padded_tokens=padded)
     batcher.start()
     try:
         vectors = await asyncio.gather(*batcher.submit(prepared))

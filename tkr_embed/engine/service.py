@@ -7,6 +7,7 @@ resize images) -> batcher -> MLX worker -> normalise -> cache fill. Routes never
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import resource
@@ -140,7 +141,8 @@ class EmbeddingService:
         # The budget counts the shape the device runs (bucketed rows and length on CUDA): measured
         # on an H100, images 10% and long texts 5% faster than counting items x longest.
         padded = self.sharded.padded_tokens(emb.max_tokens)
-        self.batcher = Batcher(self._run_batch, max_tokens, e.max_batch_items,
+        forward = functools.partial(self.sharded, emb)  # worker thread: a batch's vectors
+        self.batcher = Batcher(self.worker, forward, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded,
                                packed=self.sharded.packs(emb))
@@ -149,11 +151,11 @@ class EmbeddingService:
         # (one item per shard, so every CPU stream has run once).
         warm = EmbedItem(text="warm-up")
         prepared = await loop.run_in_executor(self.cpu_pool, emb.prepare, warm)
-        await self._run_batch([prepared] * self.sharded.shards)
+        await self.worker.submit(forward, [prepared] * self.sharded.shards)
         if self.sharded.buckets is not None:  # and every bucketed batch size, at this length
             started, sizes = time.perf_counter(), buckets_up_to(e.max_batch_items)
             for size in sizes:
-                await self._run_batch([prepared] * size)
+                await self.worker.submit(forward, [prepared] * size)
             log.info("warmed %d batch shapes in %.1fs", len(sizes), time.perf_counter() - started)
         # Everything alive now (the model, the libraries) lives as long as the process: take it out
         # of the garbage collector's view. Without this, each full collection walked millions of
@@ -173,9 +175,6 @@ class EmbeddingService:
             return
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
-
-    def _run_batch(self, batch: Sequence[Prepared]):
-        return self.worker.submit(self.sharded, self.loaded.embedder, list(batch))
 
     # ---- properties the API reads -------------------------------------------------------------
     @property

@@ -22,6 +22,9 @@ from .buffer_cache import set_cpu_buffer_cache
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# MLX's memory figures are read after a job at most this often: three calls into MLX between two
+# batches, on the path from one to the next, for figures /info shows to a person.
+MEMORY_READ_INTERVAL_SECONDS = 0.5
 
 
 class WorkerStopped(RuntimeError):
@@ -41,7 +44,8 @@ class MLXWorker:
         self._stopped = False
         self.busy_seconds = 0.0
         self.jobs_run = 0
-        self.memory: dict[str, int] = {}  # refreshed after each job; read by /info without MLX calls
+        self.memory: dict[str, int] = {}  # refreshed after jobs; read by /info without MLX calls
+        self._memory_read_at = float("-inf")
         self.job_started_at: float | None = None  # monotonic time the running job began (None: idle)
 
     def start(self) -> None:
@@ -64,21 +68,35 @@ class MLXWorker:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            fn, args, fut = job
+            fn, args, fut, in_steps = job
             if not fut.set_running_or_notify_cancel():
                 continue
-            start = time.perf_counter()
-            self.job_started_at = time.monotonic()
             try:
-                result = fn(*args)
+                # a job run in steps (the batcher's drain) accounts for each step itself
+                result = fn(*args) if in_steps else self._account(fn, args, memory_every_time=True)
             except BaseException as e:  # noqa: BLE001 - delivered to the awaiting coroutine
                 fut.set_exception(e)
             else:
                 fut.set_result(result)
-            finally:
-                self.job_started_at = None
-                self.busy_seconds += time.perf_counter() - start
-                self.jobs_run += 1
+
+    def step(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Worker thread: fn(*args) as one unit of work: timed into busy_seconds, counted in
+        jobs_run, its start shown to stalled(), MLX's memory read after it at most every
+        MEMORY_READ_INTERVAL_SECONDS."""
+        return self._account(fn, args, memory_every_time=False)
+
+    def _account(self, fn: Callable[..., Any], args: tuple, memory_every_time: bool) -> Any:
+        import mlx.core as mx
+
+        start = time.perf_counter()
+        self.job_started_at = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.job_started_at = None
+            self.busy_seconds += time.perf_counter() - start
+            self.jobs_run += 1
+            if memory_every_time or time.monotonic() - self._memory_read_at >= MEMORY_READ_INTERVAL_SECONDS:
                 self._record_memory(mx)
 
     def stalled(self, limit_seconds: float) -> str | None:
@@ -91,6 +109,7 @@ class MLXWorker:
         return None
 
     def _record_memory(self, mx) -> None:
+        self._memory_read_at = time.monotonic()
         try:
             self.memory = {
                 "active_bytes": int(mx.get_active_memory()),
@@ -100,12 +119,22 @@ class MLXWorker:
         except Exception:  # noqa: BLE001 - memory stats are informational
             pass
 
-    def _enqueue(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
+    def _enqueue(self, fn: Callable[..., Any], args: tuple, in_steps: bool = False) -> concurrent.futures.Future:
         if self._stopped:
             raise WorkerStopped("the MLX worker has stopped")
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((fn, args, fut))
+        self._jobs.put((fn, args, fut, in_steps))
         return fut
+
+    def post(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Any thread, the worker's own included: queue fn() as a job that runs its work in steps
+        (each through step(), so stalled() and busy_seconds see each step, not the whole job)."""
+        return self._enqueue(fn, (), in_steps=True)
+
+    @property
+    def jobs_waiting(self) -> int:
+        """Jobs queued behind the running one."""
+        return self._jobs.qsize()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
         """Run fn(*args) on the worker; await the returned future from the event loop."""
