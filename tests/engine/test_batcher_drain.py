@@ -109,3 +109,16 @@ async def test_stop_fails_running_and_waiting_items_and_takes_no_more(worker, mi
         batcher.submit(texts(minilm, 1, "too late"))
     await asyncio.sleep(0.5)  # the running batch ends; the worker takes nothing after it
     assert len(forward.calls) == 1 and not batcher._draining
+
+
+async def test_requests_fail_rather_than_wait_when_the_worker_has_stopped(minilm):
+    from tkr_embed.engine.worker import MLXWorker, WorkerStopped
+
+    stopped = MLXWorker("cpu")
+    stopped.start()
+    stopped.stop()
+    batcher = Batcher(stopped, Recorded(minilm), max_batch_tokens=10**6, max_batch_items=8, max_queue_items=100)
+    batcher.start()
+    results = await asyncio.wait_for(
+        asyncio.gather(*batcher.submit(texts(minilm, 2, "no worker")), return_exceptions=True), 2)
+    assert all(isinstance(r, WorkerStopped) for r in results) and batcher.depth == 0

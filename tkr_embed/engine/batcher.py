@@ -204,7 +204,12 @@ class Batcher:
             if self._draining or not self._pending or self._closed:
                 return
             self._draining = True
-        self._worker.post(self._drain)
+        try:
+            self._worker.post(self._drain)
+        except Exception as exc:  # noqa: BLE001 - the worker has stopped: fail what waits, not hang
+            with self._lock:
+                left, self._pending, self._draining = self._pending, [], False
+            self._deliver(left, None, exc)
 
     # ---- the worker's thread ---------------------------------------------------------------
     def _take(self) -> list[_Entry]:
