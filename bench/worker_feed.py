@@ -1,13 +1,12 @@
-"""Does the way the MLX worker is fed make its batches slower? One batch size, five ways of feeding it.
+"""Does the way the MLX worker is fed make its batches slower, or leave it idle? One batch size, six ways of feeding it.
 
     python bench/worker_feed.py --model DIR --device gpu --dtype bfloat16 --rounds 3
 
 On an H100 the server's worker took 1.16x the raw loop's time on a batch of the same bucketed
 shape, most of it more CPU work on the worker's own thread, and nothing outside the engine process
 reproduced it (docs/benchmarks.md, "The worker's time per batch shape"). The raw loop runs its
-batches back to back in one worker job; the engine runs each batch as its own job, handed over
-by its event loop, which meanwhile answers the last batch and reads new items from the front
-ends. This times the same forward (the server's: bucketed shapes where the backend pads to them,
+batches back to back in one worker job; the engine's event loop meanwhile answers the last batch
+and reads new items from the front ends. This times the same forward (the server's: bucketed shapes where the backend pads to them,
 the decoder compiled where the server's is) on batches of --batch fresh short texts, fed:
 
   loop     back to back inside one worker job (the raw loop of bench/ and `tkr-embed bench`)
@@ -26,9 +25,9 @@ the decoder compiled where the server's is) on batches of --batch fresh short te
 
 Each batch is timed inside the worker job (wall and the worker thread's CPU), so the handoff
 itself is not in the batch time; the worker's idle time from the end of one batch to the start of
-the next says what it costs. Modes alternate within each round.
-Prints one JSON line: per mode and round the median ms per batch, worker CPU ms per batch and
-idle ms between batches, batches per second and their mean size, and the median ratio of each mode's batch time to loop's.
+the next says what it costs. Modes alternate within each round. Prints one JSON line: per mode
+and round the median ms per batch, worker CPU ms per batch and idle ms between batches, batches
+per second and their mean size, and the median ratio of each mode's batch time to loop's.
 """
 
 from __future__ import annotations
