@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import pickle
-import random
 import statistics
 import subprocess
 import sys
@@ -59,37 +58,16 @@ def settings_for(model: str, device: str, shape_buckets: str):
         "logging.level": "WARNING", "engine.shape_buckets": shape_buckets})
 
 
-def short_items(embedder, n: int, offset: int) -> list:
-    from tkr_embed.benchmark.raw import case_inputs, embed_items
-
-    return [embedder.prepare(it) for it in embed_items(case_inputs("short", n, offset=offset))]
-
-
-async def closed_loop(submit, frames: list[bytes], clients: int, stop: float, jitter_s: float = 0.0) -> None:
-    """`clients` coroutines, each sending one item (unpickled fresh, as the link delivers it) at
-    a time until `stop`, each first waiting 0..jitter_s."""
-    rng = random.Random(clients)
-
-    async def client(k: int) -> None:
-        i = k
-        while time.perf_counter() < stop:
-            if jitter_s:
-                await asyncio.sleep(rng.uniform(0, jitter_s))
-            await asyncio.gather(*submit([pickle.loads(frames[i % len(frames)])]))
-            i += clients
-
-    await asyncio.gather(*(client(k) for k in range(clients)))
-
-
 def front_end(path: str, model: str, device: str, shape_buckets: str, clients: int, seconds: float,
               offset: int, jitter_s: float = 0.0) -> None:
     """A front-end process: linked to the engine, then closed-loop clients for `seconds`."""
+    from tkr_embed.benchmark.raw import closed_loop, prepared_inputs
     from tkr_embed.engine.remote import FrontendService
 
     async def run() -> None:
         front = FrontendService(settings_for(model, device, shape_buckets), path)
         await front.start()
-        items = short_items(front.loaded.embedder, 512, offset)
+        items = prepared_inputs(front.loaded.embedder, "short", 512, offset=offset)
         frames = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in items]
         await closed_loop(front.batcher.submit, frames, clients, time.perf_counter() + seconds, jitter_s)
         await front.stop()
@@ -105,6 +83,8 @@ def shape_ms(before: list[dict] | None, after: list[dict] | None) -> list[dict]:
 
 async def measure(mode: str, service, host, args, path: str, frames: list[bytes], batches: list[list]) -> dict:
     """Run `mode` for warm-up + measured seconds; figures over the measured span only."""
+    from tkr_embed.benchmark.raw import closed_loop
+
     worker, batcher = service.worker, service.batcher
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 for _ in range(args.spin if mode.endswith("-busy") else 0)]
@@ -160,6 +140,7 @@ async def measure(mode: str, service, host, args, path: str, frames: list[bytes]
 
 
 async def engine(args) -> dict:
+    from tkr_embed.benchmark.raw import prepared_inputs
     from tkr_embed.engine.link import EngineHost
     from tkr_embed.engine.service import EmbeddingService
 
@@ -171,9 +152,9 @@ async def engine(args) -> dict:
     await host.start(path)
 
     emb = service.loaded.embedder
-    items = short_items(emb, 512, 0)
+    items = prepared_inputs(emb, "short", 512)
     frames = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in items]
-    batches = [short_items(emb, args.batch, 100 + 1000 * k) for k in range(8)]
+    batches = [prepared_inputs(emb, "short", args.batch, offset=100 + 1000 * k) for k in range(8)]
     results: dict[str, list[dict]] = {m: [] for m in args.modes}
     for r in range(args.rounds):
         for mode in (args.modes if r % 2 == 0 else args.modes[::-1]):

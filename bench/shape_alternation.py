@@ -34,7 +34,7 @@ MODES = ("repeat", "turns", "streams")
 
 
 def main() -> None:
-    from tkr_embed.benchmark.raw import case_inputs, embed_items, sharded_engine
+    from tkr_embed.benchmark.raw import prepared_inputs, sharded_engine
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -50,7 +50,7 @@ def main() -> None:
     import mlx.core as mx
 
     worker, emb, forward = sharded_engine(args.model, args.device, 0, args.dtype, shape_buckets="on")
-    batches = {b: [emb.prepare(it) for it in embed_items(case_inputs(args.case, b, offset=1000 * b))]
+    batches = {b: prepared_inputs(emb, args.case, b, offset=1000 * b)
                for b in args.batch}
     shapes = {b: forward.buckets.shape(b, max(p.cost for p in bt), emb.max_tokens) for b, bt in batches.items()}
     streams = worker.call(lambda: {b: mx.new_stream(mx.gpu if args.device == "gpu" else mx.cpu) for b in batches})

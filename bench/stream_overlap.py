@@ -81,7 +81,7 @@ def measure(args, sync=None) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from tkr_embed.benchmark.raw import case_inputs, embed_items
+    from tkr_embed.benchmark.raw import prepared_inputs
     from tkr_embed.engine.worker import MLXWorker
     from tkr_embed.models.registry import load_embedder, resolve_model_dir
 
@@ -99,7 +99,7 @@ def measure(args, sync=None) -> None:
     emb, streams = worker.call(setup)
 
     def prepared_for(case: str, b: int):
-        return [emb.prepare(it) for it in embed_items(case_inputs(case, b, args.image_side))]
+        return prepared_inputs(emb, case, b, args.image_side)
 
     def launch(prepared, stream):
         with mx.stream(stream):

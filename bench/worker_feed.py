@@ -86,6 +86,7 @@ def churn(frames: list[bytes], answer: bytes, seconds: float) -> None:
 async def feed(mode: str, worker, timed: TimedForward, batches: list[list], seconds: float, gap_s: float,
                clients: int, batch: int) -> int:
     """Run `mode` for `seconds`; returns the batches the worker ran."""
+    from tkr_embed.benchmark.raw import closed_loop
     from tkr_embed.engine.batcher import Batcher
 
     if mode == "loop":
@@ -118,14 +119,7 @@ async def feed(mode: str, worker, timed: TimedForward, batches: list[list], seco
                       padded_tokens=timed.forward.padded_tokens(timed.embedder.max_tokens))
     batcher.start()
 
-    async def client(k: int) -> None:
-        i = k
-        while time.perf_counter() < stop:
-            (fut,) = batcher.submit([pickle.loads(items[i % len(items)])])
-            await fut
-            i += clients
-
-    await asyncio.gather(*(client(k) for k in range(clients)))
+    await closed_loop(batcher.submit, items, clients, stop)
     await batcher.stop()
     while batcher._draining:  # the last batch off the worker before the next mode's clock starts
         await asyncio.sleep(0.005)
@@ -175,7 +169,7 @@ async def handoff(worker, timed: TimedForward, items: list[bytes], stop: float, 
 
 
 def main() -> None:
-    from tkr_embed.benchmark.raw import case_inputs, embed_items, sharded_engine
+    from tkr_embed.benchmark.raw import prepared_inputs, sharded_engine
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -191,8 +185,7 @@ def main() -> None:
     args = ap.parse_args()
 
     worker, emb, forward = sharded_engine(args.model, args.device, 0, args.dtype, shape_buckets=args.shape_buckets)
-    batches = [[emb.prepare(it) for it in embed_items(case_inputs("short", args.batch, offset=k * 1000))]
-               for k in range(8)]
+    batches = [prepared_inputs(emb, "short", args.batch, offset=k * 1000) for k in range(8)]
     timed = TimedForward(forward, emb)
     rows: dict[str, dict[str, list]] = {m: {"ms": [], "cpu_ms": [], "idle_ms": [], "batches_per_s": [],
                                             "mean_rows": []}

@@ -171,7 +171,7 @@ class Neighbour:
 
 
 def main() -> None:
-    from tkr_embed.benchmark.raw import case_inputs, embed_items, sharded_engine
+    from tkr_embed.benchmark.raw import prepared_inputs, sharded_engine
     from tkr_embed.engine.shapes import per_batch_ms
 
     ap = argparse.ArgumentParser()
@@ -190,7 +190,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {}
     shapes: dict[int, list] = {}
     for b in args.batch:
-        batches = [[emb.prepare(it) for it in embed_items(case_inputs("short", b, offset=k * 1000))] for k in range(8)]
+        batches = [prepared_inputs(emb, "short", b, offset=k * 1000) for k in range(8)]
         shapes[b] = sorted({forward.buckets.shape(b, max(p.cost for p in bt), emb.max_tokens) for bt in batches})
 
         def loop(seconds: float, batches=batches) -> float:

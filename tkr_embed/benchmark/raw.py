@@ -63,6 +63,32 @@ def embed_items(inputs: list[tuple[str | None, bytes | None]]) -> list:
     return items
 
 
+def prepared_inputs(embedder, case: str, n: int, image_side: int = 128, offset: int = 0) -> list:
+    """n distinct items of a case, prepared by the embedder (tokenised, images decoded)."""
+    return [embedder.prepare(it) for it in embed_items(case_inputs(case, n, image_side, offset))]
+
+
+async def closed_loop(submit, frames: list[bytes], clients: int, stop: float, jitter_s: float = 0.0) -> None:
+    """`clients` coroutines, each sending one prepared item (unpickled fresh from `frames`, as the
+    engine's link delivers it) through submit (a Batcher's contract: one future per item) and
+    awaiting it, until `stop` (perf_counter); each first waits 0..jitter_s."""
+    import asyncio
+    import pickle
+    import random
+
+    rng = random.Random(clients)
+
+    async def client(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            if jitter_s:
+                await asyncio.sleep(rng.uniform(0, jitter_s))
+            await asyncio.gather(*submit([pickle.loads(frames[i % len(frames)])]))
+            i += clients
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
+
+
 def add_forward_arguments(ap) -> None:
     """The options of the bench/ scripts that time one model's forward on prepared batches
     (stream_overlap, fused_projections): model, cases, batch sizes, time, rounds, device."""
@@ -128,7 +154,7 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
     worker, emb, sharded = sharded_engine(model, device, cpu_shards, dtype)
     rows = []
     for b in batches:
-        prepared = [emb.prepare(it) for it in embed_items(case_inputs(case, b, image_side))]
+        prepared = prepared_inputs(emb, case, b, image_side)
         row = worker.call(time_batches, lambda: sharded(emb, prepared), b, seconds)
         row["tokens_per_item"] = max(p.cost for p in prepared)
         rows.append(row)

@@ -168,6 +168,7 @@ class Batcher:
         return len(self._pending)
 
     def start(self) -> None:
+        """On the event loop that submits: answers come back to it."""
         self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
@@ -186,7 +187,7 @@ class Batcher:
             raise RuntimeError("the server is shutting down")
         if len(self._pending) + len(items) > self.max_queue_items:
             raise QueueFull(self.retry_after_seconds, len(self._pending), self.max_queue_items)
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         entries = [_Entry(p, loop.create_future(), next(self._seq)) for p in items]
         with self._lock:
             self._pending.extend(entries)

@@ -86,8 +86,6 @@ class MLXWorker:
         return self._account(fn, args, memory_every_time=False)
 
     def _account(self, fn: Callable[..., Any], args: tuple, memory_every_time: bool) -> Any:
-        import mlx.core as mx
-
         start = time.perf_counter()
         self.job_started_at = time.monotonic()
         try:
@@ -97,7 +95,7 @@ class MLXWorker:
             self.busy_seconds += time.perf_counter() - start
             self.jobs_run += 1
             if memory_every_time or time.monotonic() - self._memory_read_at >= MEMORY_READ_INTERVAL_SECONDS:
-                self._record_memory(mx)
+                self._record_memory()
 
     def stalled(self, limit_seconds: float) -> str | None:
         """Why the worker cannot take work (dead, or one job running past the limit), or None."""
@@ -108,7 +106,9 @@ class MLXWorker:
             return f"the MLX worker has been running one job for over {limit_seconds:.0f} s"
         return None
 
-    def _record_memory(self, mx) -> None:
+    def _record_memory(self) -> None:
+        import mlx.core as mx
+
         self._memory_read_at = time.monotonic()
         try:
             self.memory = {
