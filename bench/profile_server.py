@@ -200,10 +200,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     server_cpu = process_cpu_s + sum(children_cpu.values())
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
-        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0,
-                    # engine.regroup: the worker's waits for the clients a batch answered
-                    **{k: round(batcher_after.get(k, 0) - batcher_before.get(k, 0), 3)
-                       for k in ("regroup_waits", "regroup_wait_seconds", "regroup_items")}},
+        "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
         "shapes": shapes,
         # Share of the span the MLX worker ran jobs: the rest it waited for the event loop or for work.
         "worker_busy_share": round((batcher_after["worker_busy_s"] - batcher_before["worker_busy_s"]) / wall, 3),

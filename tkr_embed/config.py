@@ -91,14 +91,9 @@ class EngineSettings(_Section):
     # (BERT-family text encoders on MLX's CPU backend with the native kernels: models/packed_bert.py).
     # Same vectors; mixed lengths no longer pad to the longest. false: always padded batches.
     pack_sequences: bool = True
-    # After a batch, the worker waits (up to half that batch's time) for the clients it has just
-    # answered, so closed-loop clients run as one full batch rather than two half batches in turn
-    # (engine/batcher.py, Batcher._regroup_wait). auto = on for CUDA, where a batch's cost is
-    # mostly fixed; off on the CPU backend, where two half batches cost what one full batch does.
-    regroup: Literal["auto", "on", "off"] = "auto"
     retry_after_seconds: int = Field(1, ge=1)
 
-    @field_validator("shape_buckets", "compile", "regroup", mode="before")
+    @field_validator("shape_buckets", "compile", mode="before")
     @classmethod
     def _switch(cls, v):
         # YAML (and env values parsed as YAML) read a bare off/on as false/true.

@@ -14,11 +14,6 @@ freely: the batch is then the oldest waiting items that fit, in arrival order. W
 runs one batch, new arrivals queue up and form the next one, so batches grow with load without
 any fixed wait. The worker takes that next batch itself, on its own thread, the moment the last
 one ends (Batcher._drain); the event loop queues items and hands out answers.
-
-With `regroup` (engine.regroup; on for CUDA), the worker may wait, after a batch, for the clients it
-has just answered: closed-loop clients otherwise settle into two cohorts that take turns, each
-batch half the size it could be, and on a GPU a batch of 32 short texts costs ~0.7x one of 64
-(Batcher._regroup_wait says when it waits and for how long).
 """
 
 from __future__ import annotations
@@ -50,21 +45,6 @@ Forward = Callable[[Sequence[Prepared]], np.ndarray]
 # batch while the next runs).
 AUTO_BATCH_TOKENS_CPU = 4096
 AUTO_BATCH_TOKENS_DEVICE = 8192
-
-# engine.regroup: the longest the worker waits for the clients it has just answered, as a share of
-# that batch's time. Waiting pays where a batch's cost is mostly per batch, not per item: then one
-# batch of n + m costs less than a batch of n plus one of m by nearly a batch's fixed cost, which
-# on an H100 is about half a short-text batch's time.
-REGROUP_SHARE = 0.5
-
-
-def resolve_regroup(setting: str, on_cpu: bool, cuda: bool) -> bool:
-    """engine.regroup: auto means on for MLX's CUDA backend only. On the CPU backend a batch costs
-    in proportion to its items (two half batches cost what one whole batch does), so a wait is
-    pure loss there; Metal is not measured."""
-    if setting == "auto":
-        return cuda and not on_cpu
-    return setting == "on"
 
 
 def resolve_batch_tokens(setting: int, on_cpu: bool) -> int:
@@ -151,11 +131,10 @@ class Batcher:
     def __init__(self, worker: BatchWorker, forward: Forward, max_batch_tokens: int, max_batch_items: int,
                  max_queue_items: int, retry_after_seconds: int = 1,
                  on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0,
-                 padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False, regroup: bool = False):
+                 padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False):
         """forward: a batch's vectors, run on the worker's thread; padded_tokens: the shape the
         device runs a padded batch as; packed: batches run as packed sequences (the budget counts
-        real tokens, padded_tokens is not used); regroup: after a batch, wait a little for the
-        clients it answered (_regroup_wait)."""
+        real tokens, padded_tokens is not used)."""
         self._worker = worker
         self._forward = forward
         self._padded = padded_tokens
@@ -169,7 +148,6 @@ class Batcher:
         # Shared with the worker's thread, under _lock: the queue, whether a drain job is on the
         # worker (queued or running), and the batch it is running.
         self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)  # regroup: the worker waits on it
         self._pending: list[_Entry] = []
         self._draining = False
         self._in_flight: list[_Entry] = []
@@ -177,12 +155,6 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kick_due = False
         self._closed = False
-        self.regroup = regroup
-        # regroup, the worker's: the last batch (when it ended, its seconds, its items, how many
-        # items were left waiting as it ended, its longest item's cost), and the queue length the
-        # worker now waits for (0: not waiting), under _lock.
-        self._last_batch: tuple[float, float, int, int, int] | None = None
-        self._regroup_target = 0
         # Counters (read by /info and tests; items_dropped is the worker's, the rest the loop's).
         self.batches_run = 0
         self.items_run = 0
@@ -190,9 +162,6 @@ class Batcher:
         self.padded_tokens = 0
         self.real_tokens = 0
         self.recent_batch_sizes: deque[int] = deque(maxlen=256)
-        self.regroup_waits = 0  # the worker's: waits, their seconds, and the items that came in them
-        self.regroup_wait_seconds = 0.0
-        self.regroup_items = 0
 
     @property
     def depth(self) -> int:
@@ -208,7 +177,6 @@ class Batcher:
         self._closed = True
         with self._lock:
             left, self._pending = self._pending + self._in_flight, []
-            self._arrived.notify_all()  # a regroup wait ends now
         for e in left:
             if not e.future.done():
                 e.future.set_exception(RuntimeError("the server is shutting down"))
@@ -224,8 +192,6 @@ class Batcher:
         with self._lock:
             self._pending.extend(entries)
             idle = not self._draining
-            if self._regroup_target and len(self._pending) >= self._regroup_target:
-                self._arrived.notify()
         if idle and not self._kick_due:
             # Start the worker at the end of this loop turn, not now: items that arrive in the same
             # turn (one frame from a front end carries many) join the same batch.
@@ -247,53 +213,6 @@ class Batcher:
             self._deliver(left, None, exc)
 
     # ---- the worker's thread ---------------------------------------------------------------
-    def _regroup_wait(self) -> None:
-        """Under _lock, before a batch is taken: wait for the clients the last batch answered.
-
-        64 closed-loop clients served by a worker that takes whatever waits settle into two
-        cohorts: while one cohort's batch runs, the other's items arrive and form the next batch,
-        so every batch holds about half the clients. Where a batch's cost is mostly fixed (a GPU
-        launching the same kernels for 32 rows as for 64), one batch of 64 plus the clients' round
-        trip is cheaper than two of 32 whenever that round trip is shorter than the fixed cost.
-        So the worker waits until the queue holds what was left waiting when the last batch ended
-        plus that batch's items (its clients, if they come straight back), no more than a batch
-        of this length can hold, and never past REGROUP_SHARE of the last batch's time after it
-        ended. The worker is held only while items wait (they are what is held back). A lone
-        client's batch of one waits for nothing (its item is the target); clients that do not
-        come back cost at most that share once per batch; other jobs on the worker (a model
-        loading, another model's batches) end the wait only at its deadline."""
-        if self._last_batch is None:
-            return
-        ended, seconds, answered, left, longest = self._last_batch
-        deadline = ended + REGROUP_SHARE * seconds
-        now = time.perf_counter()
-        if not self._pending or now >= deadline or self._worker.jobs_waiting:
-            return  # with nothing waiting the drain ends, and the next item's arrival restarts it
-        longest = max([e.prepared.cost for e in self._pending] + [longest])
-        target = min(left + answered, self._room(longest))
-        if len(self._pending) >= target:
-            return
-        had, began = len(self._pending), now
-        self._regroup_target = target
-        try:
-            while len(self._pending) < target and not self._closed and now < deadline:
-                self._arrived.wait(deadline - now)
-                now = time.perf_counter()
-        finally:
-            self._regroup_target = 0
-        self.regroup_waits += 1
-        self.regroup_wait_seconds += now - began
-        self.regroup_items += len(self._pending) - had
-
-    def _room(self, longest: int) -> int:
-        """The most items one batch holds when its longest item costs `longest`: its budget's
-        shape (or real tokens, packed) and max_batch_items."""
-        shape = unpadded_shape if self.packed else self._padded
-        n = 1
-        while n < self.max_batch_items and shape(n + 1, longest) <= self.max_batch_tokens:
-            n += 1
-        return n
-
     def _take(self) -> list[_Entry]:
         """Under _lock: the next batch out of the queue (cancelled items dropped first)."""
         live = [e for e in self._pending if not e.future.done()]
@@ -320,20 +239,14 @@ class Batcher:
         try:
             while True:
                 with self._lock:
-                    if self.regroup and not self._closed:
-                        self._regroup_wait()
                     batch = [] if self._closed else self._take()
                     self._in_flight = batch
                     if not batch:
                         self._draining = False
                         return
-                started = time.perf_counter()
                 self._run(batch)
-                ended = time.perf_counter()
                 with self._lock:
                     self._in_flight = []
-                    self._last_batch = (ended, ended - started, len(batch), len(self._pending),
-                                        max(e.prepared.cost for e in batch))
                 if self._worker.jobs_waiting:
                     self._worker.post(self._drain)
                     return
@@ -398,9 +311,4 @@ class Batcher:
             "items_dropped": self.items_dropped,
             "mean_batch_size": round(self.items_run / self.batches_run, 2) if self.batches_run else 0.0,
             "padding_efficiency": round(self.real_tokens / self.padded_tokens, 4) if self.padded_tokens else 1.0,
-            # the worker waiting after a batch for the clients it answered (engine.regroup)
-            "regroup": self.regroup,
-            "regroup_waits": self.regroup_waits,
-            "regroup_wait_seconds": round(self.regroup_wait_seconds, 3),
-            "regroup_items": self.regroup_items,
         }

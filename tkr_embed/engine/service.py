@@ -24,7 +24,7 @@ from ..config import ModelSettings, Settings
 from ..cores import available_cores
 from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
-from .batcher import Batcher, resolve_batch_tokens, resolve_regroup
+from .batcher import Batcher, resolve_batch_tokens
 from .cache import EmbeddingCache, item_key
 from .shapes import buckets_up_to
 from .shards import ShardedForward, make_sharded_forward
@@ -145,8 +145,7 @@ class EmbeddingService:
         self.batcher = Batcher(self.worker, forward, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded,
-                               packed=self.sharded.packs(emb),
-                               regroup=resolve_regroup(e.regroup, self.sharded.on_cpu, self.sharded.cuda))
+                               packed=self.sharded.packs(emb))
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request
         # (one item per shard, so every CPU stream has run once).

@@ -107,7 +107,7 @@ class ShardedForward:
     Worker thread only: owns the CPU streams (MLX streams are visible only to their thread)."""
 
     def __init__(self, shards: int, buckets: ShapeBuckets | None = None, compile: bool = False,
-                 on_cpu: bool = True, pack: bool = True, cuda: bool = False):
+                 on_cpu: bool = True, pack: bool = True):
         import mlx.core as mx
 
         self.shards = shards
@@ -117,7 +117,6 @@ class ShardedForward:
         # point is a padded shape
         self.pack = pack and buckets is None
         self.on_cpu = on_cpu  # MLX computes on its CPU backend
-        self.cuda = cuda  # ... or on its CUDA backend
         self._streams: list = []
         if shards > 1:
             self._streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
@@ -228,4 +227,4 @@ def make_sharded_forward(setting: int, shape_buckets: str = "off", max_items: in
     compiled = resolve_compile(compile, on_cpu, cuda)
     if compiled:
         log.info("decoders traced with mx.compile per batch shape (engine.compile)")
-    return ShardedForward(shards, buckets, compiled, on_cpu, pack, cuda)
+    return ShardedForward(shards, buckets, compiled, on_cpu, pack)

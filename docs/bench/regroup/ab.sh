@@ -3,6 +3,7 @@
 # twentieth session): bench/profile_server.py at 64 clients (req/s, batch sizes, the worker's busy
 # share, the regroup's waits), 8 front ends, 4 load-generator processes.
 #   MODEL=<Qwen2-VL-2B-sized dir> OUT=<dir> CASES="short" ROUNDS=2 docs/bench/regroup/ab.sh
+# engine.regroup was removed after this measurement: run it at commit 27dbe02, where it exists.
 set -euo pipefail
 mkdir -p "$OUT"
 for round in $(seq 1 "${ROUNDS:-2}"); do
