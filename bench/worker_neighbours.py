@@ -8,7 +8,9 @@ processes on other host cores cost the raw loop only ~5%. What the server has an
 lacks is traffic: the engine process's event loop reads ~2,000 frames/s from its front ends'
 sockets and writes their answers, on a thread of the worker's own process. This times the raw loop
 (batch 32 over 8 different short-text batches in turn, padded to the server's shape buckets, the
-decoder compiled: the server's own forward) beside each neighbour, alternating in rounds:
+decoder compiled: the server's own forward) beside each neighbour, alternating in rounds
+(--case image: batches of --image-side images instead; `--neighbours quiet` alone gives the
+server's forward per shape with nothing beside it):
 
   quiet      nothing else running
   spin-out   4 other processes spinning in pure Python (busy host cores, no system calls)
@@ -179,6 +181,9 @@ def main() -> None:
     ap.add_argument("--device", default="gpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--batch", type=int, nargs="+", default=[32])
+    ap.add_argument("--case", default="short", choices=["short", "long", "image", "fused"],
+                    help="the items of each batch (image, fused: --image-side pixels)")
+    ap.add_argument("--image-side", type=int, default=448)
     ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=float, default=2000, help="echo frames per second, all 4 clients together")
@@ -190,7 +195,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {}
     shapes: dict[int, list] = {}
     for b in args.batch:
-        batches = [prepared_inputs(emb, "short", b, offset=k * 1000) for k in range(8)]
+        batches = [prepared_inputs(emb, args.case, b, args.image_side, offset=k * 1000) for k in range(8)]
         shapes[b] = sorted({forward.buckets.shape(b, max(p.cost for p in bt), emb.max_tokens) for bt in batches})
 
         def loop(seconds: float, batches=batches) -> float:
