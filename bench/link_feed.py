@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import pickle
 import statistics
 import subprocess
 import sys
@@ -61,14 +60,13 @@ def settings_for(model: str, device: str, shape_buckets: str):
 def front_end(path: str, model: str, device: str, shape_buckets: str, clients: int, seconds: float,
               offset: int, jitter_s: float = 0.0) -> None:
     """A front-end process: linked to the engine, then closed-loop clients for `seconds`."""
-    from tkr_embed.benchmark.raw import closed_loop, prepared_inputs
+    from tkr_embed.benchmark.raw import closed_loop, link_frames, prepared_inputs
     from tkr_embed.engine.remote import FrontendService
 
     async def run() -> None:
         front = FrontendService(settings_for(model, device, shape_buckets), path)
         await front.start()
-        items = prepared_inputs(front.loaded.embedder, "short", 512, offset=offset)
-        frames = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in items]
+        frames = link_frames(prepared_inputs(front.loaded.embedder, "short", 512, offset=offset))
         await closed_loop(front.batcher.submit, frames, clients, time.perf_counter() + seconds, jitter_s)
         await front.stop()
 
@@ -118,7 +116,6 @@ async def measure(mode: str, service, host, args, path: str, frames: list[bytes]
         running = None
     await asyncio.sleep(args.warmup)
     t0, items0, busy0, shapes0 = time.perf_counter(), batcher.items_run, worker.busy_seconds, service.shape_times()
-    raw_t0 = time.perf_counter()
     await asyncio.sleep(args.seconds)
     t1, items1, busy1, shapes1 = time.perf_counter(), batcher.items_run, worker.busy_seconds, service.shape_times()
     if running is not None:
@@ -132,7 +129,7 @@ async def measure(mode: str, service, host, args, path: str, frames: list[bytes]
     out = {"seconds": round(span, 2), "shapes": shape_ms(shapes0, shapes1)}
     if mode == "raw":  # the raw loop runs inside one job: its figures are the tally's alone
         done = sum(s["batches"] for s in out["shapes"])
-        out["batches_per_s"] = round(done / (t1 - raw_t0), 1)
+        out["batches_per_s"] = round(done / span, 1)
     else:
         out["items_per_s"] = round((items1 - items0) / span, 1)
         out["worker_busy_share"] = round((busy1 - busy0) / span, 3)
@@ -140,7 +137,7 @@ async def measure(mode: str, service, host, args, path: str, frames: list[bytes]
 
 
 async def engine(args) -> dict:
-    from tkr_embed.benchmark.raw import prepared_inputs
+    from tkr_embed.benchmark.raw import link_frames, prepared_inputs
     from tkr_embed.engine.link import EngineHost
     from tkr_embed.engine.service import EmbeddingService
 
@@ -152,8 +149,7 @@ async def engine(args) -> dict:
     await host.start(path)
 
     emb = service.loaded.embedder
-    items = prepared_inputs(emb, "short", 512)
-    frames = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in items]
+    frames = link_frames(prepared_inputs(emb, "short", 512))
     batches = [prepared_inputs(emb, "short", args.batch, offset=100 + 1000 * k) for k in range(8)]
     results: dict[str, list[dict]] = {m: [] for m in args.modes}
     for r in range(args.rounds):

@@ -86,7 +86,7 @@ def churn(frames: list[bytes], answer: bytes, seconds: float) -> None:
 async def feed(mode: str, worker, timed: TimedForward, batches: list[list], seconds: float, gap_s: float,
                clients: int, batch: int) -> int:
     """Run `mode` for `seconds`; returns the batches the worker ran."""
-    from tkr_embed.benchmark.raw import closed_loop
+    from tkr_embed.benchmark.raw import closed_loop, link_frames
     from tkr_embed.engine.batcher import Batcher
 
     if mode == "loop":
@@ -98,7 +98,7 @@ async def feed(mode: str, worker, timed: TimedForward, batches: list[list], seco
             return n
 
         return await worker.submit(run_loop)
-    frames = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in batches[0]]
+    frames = link_frames(batches[0])
     answer = pickle.dumps([b"\0" * (4 * timed.embedder.dimension)] * batch, protocol=pickle.HIGHEST_PROTOCOL)
     if mode in ("jobs", "gap", "churn"):
         n, t0 = 0, time.perf_counter()

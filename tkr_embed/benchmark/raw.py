@@ -68,6 +68,13 @@ def prepared_inputs(embedder, case: str, n: int, image_side: int = 128, offset: 
     return [embedder.prepare(it) for it in embed_items(case_inputs(case, n, image_side, offset))]
 
 
+def link_frames(items: list) -> list[bytes]:
+    """Each prepared item pickled alone, as the engine's link carries it (closed_loop's input)."""
+    import pickle
+
+    return [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in items]
+
+
 async def closed_loop(submit, frames: list[bytes], clients: int, stop: float, jitter_s: float = 0.0) -> None:
     """`clients` coroutines, each sending one prepared item (unpickled fresh from `frames`, as the
     engine's link delivers it) through submit (a Batcher's contract: one future per item) and
