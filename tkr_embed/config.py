@@ -29,7 +29,8 @@ class ServerSettings(_Section):
     # FastAPI's native OpenTelemetry spans and metrics, for a process where an OpenTelemetry SDK
     # provider is configured. Off by default: even with no provider, FastAPI looks up the global
     # providers on every request (~7% of the event loop's time per request, profiled); /metrics
-    # (Prometheus) is always there.
+    # (Prometheus) is always there. The endpoints called directly (api/responses.py FastJSONRoute:
+    # the embedding routes) get the request's span, not FastAPI's per-endpoint sub-spans.
     opentelemetry: bool = False
     # HTTP front-end processes (tkr_embed/frontends.py). 1: one process does everything. More: each
     # front end parses, authenticates, tokenises and answers requests, and one engine process runs
@@ -71,6 +72,10 @@ class EngineSettings(_Section):
     max_queue_items: int = Field(4096, ge=1)
     # Threads that tokenise and decode images (never touch MLX); 0 = one per core.
     cpu_threads: int = Field(0, ge=0)
+    # A request whose new items are text only, this many characters in all or fewer, is tokenised
+    # on the event loop: ~0.35 us a character, less than the hand-off to the pool and back costs
+    # (engine/service.py). 0 = always in the pool.
+    inline_prepare_chars: int = Field(256, ge=0)
     # MLX's CPU backend: split each batch across this many CPU streams (engine/shards.py);
     # 0 = one per core on Linux, 1 elsewhere. Ignored on Metal and CUDA.
     cpu_shards: int = Field(0, ge=0)

@@ -7,7 +7,9 @@ import os
 
 import numpy as np
 import pytest
+from fastapi import Request
 
+from tkr_embed.api.errors import APIError
 from tkr_embed.engine.buffer_cache import resolve_cpu_buffer_cache
 
 from tests.api.conftest import running_app
@@ -218,3 +220,58 @@ def test_every_route_that_takes_a_body_parses_it_with_orjson():
     with_body = [r for r in app.routes if isinstance(r, APIRoute) and r.methods & {"POST", "PUT", "PATCH"}]
     assert len(with_body) >= 8
     assert [r.path for r in with_body if not isinstance(r, FastJSONRoute)] == []
+
+
+async def test_the_embedding_routes_skip_fastapis_request_handler(api, monkeypatch):
+    """An endpoint that takes only the Request is called directly (responses.FastJSONRoute): no
+    dependency solving for /v1/embeddings and /embed/text, while routes with dependencies keep it."""
+    import fastapi.routing
+
+    client, service = api
+    solved = []
+    real = fastapi.routing.solve_dependencies
+
+    async def counting(*args, **kwargs):
+        solved.append(kwargs["request"].url.path)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    assert (await client.post("/v1/embeddings", json={"model": service.model_id, "input": "direct"})).status_code == 200
+    assert (await client.post("/embed/text", json={"texts": ["direct"]})).status_code == 200
+    assert (await client.get("/v1/models")).status_code == 200
+    assert solved == ["/v1/models"]
+
+
+# Endpoints for the next test, at module level: the annotations are strings (__future__), which
+# FastAPI resolves in the module's namespace.
+async def _refuses(request: Request):
+    raise APIError(418, "teapot", "short and stout")
+
+
+async def _crashes(request: Request):
+    raise RuntimeError("secret internal detail")
+
+
+async def _returns_a_dict(request: Request):
+    return {"not": "a response"}
+
+
+async def test_a_direct_endpoint_keeps_the_error_envelopes(api):
+    """Errors of an endpoint called directly reach the app's handlers: an APIError its envelope,
+    anything else (including not returning a Response) a 500 without internals."""
+    from tkr_embed.api.responses import FastJSONRoute
+
+    client, _ = api
+    app = client._transport.app
+    routes = [FastJSONRoute(f"/__direct{f.__name__}", f, methods=["GET"]) for f in (_refuses, _crashes, _returns_a_dict)]
+    assert all(r.app.__qualname__.startswith("_direct_app") for r in routes)  # the direct path, not FastAPI's
+    app.router.routes.extend(routes)
+    try:
+        r = await client.get("/__direct_refuses")
+        assert r.status_code == 418 and r.json()["error"]["type"] == "teapot", r.text
+        for name in ("_crashes", "_returns_a_dict"):
+            r = await client.get(f"/__direct{name}")
+            assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+            assert "secret" not in r.text and "a response" not in r.text
+    finally:
+        del app.router.routes[-3:]

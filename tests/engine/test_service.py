@@ -161,3 +161,33 @@ async def test_shape_buckets_warm_every_batch_size_and_change_no_vector(service)
         await bucketed.stop()
     assert service.info()["worker"]["shape_buckets"] is False  # auto on a CPU backend
     assert service.info()["worker"]["shapes"] is None
+
+
+class _CountingPool:
+    """The service's CPU pool, counting what is handed to it."""
+
+    def __init__(self, pool):
+        self.pool, self.handed = pool, 0
+
+    def submit(self, fn, *args, **kwargs):
+        self.handed += 1
+        return self.pool.submit(fn, *args, **kwargs)
+
+
+async def test_short_text_requests_are_tokenised_on_the_loop_and_the_rest_in_the_pool(service, monkeypatch):
+    """engine.inline_prepare_chars: a text-only request of that many characters or fewer skips the
+    pool hand-off; longer text, or the setting at 0, goes through the pool. Same vectors either way."""
+    budget = service.settings.engine.inline_prepare_chars
+    assert budget >= 64  # the default tokenises a short query inline
+    pool = _CountingPool(service.cpu_pool)
+    monkeypatch.setattr(service, "cpu_pool", pool)
+    short = "inline tokenising of a short query"
+    inline = await service.embed([EmbedItem(text=short)])
+    assert pool.handed == 0
+    over = "x" * (budget - len(short) + 1)  # one character over the budget, in two items
+    await service.embed([EmbedItem(text=short + " again"), EmbedItem(text=over)])
+    assert pool.handed == 1
+    monkeypatch.setattr(service.settings.engine, "inline_prepare_chars", 0)
+    pooled = await service.embed([EmbedItem(text=short)], normalize=False)  # normalize=False: not a cache hit
+    assert pool.handed == 2
+    np.testing.assert_allclose(pooled.vectors[0] / np.linalg.norm(pooled.vectors[0]), inline.vectors[0], atol=1e-6)

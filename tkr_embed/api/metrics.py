@@ -37,6 +37,8 @@ class Metrics:
                                     registry=self.registry)
         self.batch_size = None if multiprocess else Histogram(
             "tkr_batch_size", "Items per forward pass.", buckets=BATCH_BUCKETS, registry=self.registry)
+        # (route template or "(unmatched)", status) -> their series: as bounded as the labels
+        self._series: dict[tuple[str, int], tuple] = {}
         self.exposition = self.registry  # what /metrics renders
         if multiprocess:  # every front end's request metrics, from the shared files
             from prometheus_client import multiprocess as mp
@@ -46,8 +48,12 @@ class Metrics:
         self.exposition.register(_EngineCollector(app))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        series = self._series.get((route, status))
+        if series is None:  # labels() validates and locks on every call: look each pair up once
+            series = self._series[(route, status)] = (self.requests.labels(route, str(status)),
+                                                      self.latency.labels(route))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_batch(self, size: int) -> None:
         if self.batch_size is not None:
