@@ -73,8 +73,8 @@ class EngineSettings(_Section):
     # Threads that tokenise and decode images (never touch MLX); 0 = one per core.
     cpu_threads: int = Field(0, ge=0)
     # A request whose new items are text only, this many characters in all or fewer, is tokenised
-    # on the event loop: ~0.35 us a character, less than the hand-off to the pool and back costs
-    # (engine/service.py). 0 = always in the pool.
+    # on the event loop: ~0.35 us a character, no more than the hand-off to the pool and back
+    # costs (engine/service.py). 0 = always in the pool.
     inline_prepare_chars: int = Field(256, ge=0)
     # MLX's CPU backend: split each batch across this many CPU streams (engine/shards.py);
     # 0 = one per core on Linux, 1 elsewhere. Ignored on Metal and CUDA.

@@ -153,7 +153,8 @@ async def run_embedding(request: Request, call: Callable[[], Awaitable[T]]) -> T
     except asyncio.CancelledError:
         if not client_left:
             raise  # the server is stopping
-        request_task.uncancel()  # handled: the 499 answer below, not a cancelled task
+        if hasattr(request_task, "uncancel"):  # Python 3.11+ counts cancellations: this one is handled
+            request_task.uncancel()
         raise APIError(499, "client_closed_request", "client disconnected") from None
     except QueueFull as e:
         raise APIError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None

@@ -222,10 +222,11 @@ class EmbeddingService:
         return emb.decode(ids)
 
     def _prepare_inline(self, items: Sequence[EmbedItem]) -> bool:
-        """Short text-only requests are tokenised on the event loop (engine.inline_prepare_chars).
-        The hand-off to the CPU pool and back costs the loop more than tokenising ~100 characters
-        (~50 us, the tokeniser releasing the GIL meanwhile) and adds a thread switch per request;
-        anything longer, or with images, still goes to the pool so the loop never stalls."""
+        """Short text-only requests are tokenised on the event loop (engine.inline_prepare_chars):
+        ~50 us for ~100 characters, the tokeniser releasing the GIL meanwhile. The hand-off to the
+        CPU pool and back cost as much on 2 CPU cores, and an H100 host's front ends ~0.3 ms of
+        CPU per request more (docs/benchmarks.md, "The request path, leaner"). Anything longer,
+        or with images, still goes to the pool so the loop never stalls."""
         budget = self.settings.engine.inline_prepare_chars
         for item in items:
             if item.images or item.text is None:
