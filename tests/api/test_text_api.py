@@ -264,7 +264,7 @@ async def test_a_direct_endpoint_keeps_the_error_envelopes(api):
     client, _ = api
     app = client._transport.app
     routes = [FastJSONRoute(f"/__direct{f.__name__}", f, methods=["GET"]) for f in (_refuses, _crashes, _returns_a_dict)]
-    assert all(r.app.__qualname__.startswith("_direct_app") for r in routes)  # the direct path, not FastAPI's
+    assert all(r.app.__qualname__.startswith("request_response") for r in routes)  # the direct path, not FastAPI's
     app.router.routes.extend(routes)
     try:
         r = await client.get("/__direct_refuses")

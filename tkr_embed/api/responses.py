@@ -26,9 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.routing import request_response
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -60,16 +59,17 @@ def takes_only_the_request(dependant: Dependant) -> bool:
 class FastJSONRoute(APIRoute):
     """Every API route: its request body is parsed by orjson (FastAPI calls request.json()).
 
-    An async endpoint that takes only the Request and returns a Response (the embedding routes)
-    is called directly, the way Starlette's own routes are: exceptions still reach the app's
-    handlers, but FastAPI's request handler (two exit stacks, body sniffing, dependency solving,
-    response serialisation) is skipped. It did nothing for such an endpoint and made a fifth of the
-    Python calls of a cache hit (bench/request_path.py: 603 -> 475; docs/benchmarks.md)."""
+    An async endpoint that takes only the Request and returns a Response (the embedding routes,
+    which read their bodies with read_json_body) is run by Starlette's own request_response, as
+    a plain Starlette route is: exceptions still reach the app's handlers, but FastAPI's request
+    handler (two exit stacks, body sniffing, dependency solving, response serialisation) is
+    skipped. It did nothing for such an endpoint and made a fifth of the Python calls of a cache
+    hit (bench/request_path.py: 603 -> 475; docs/benchmarks.md)."""
 
     def __init__(self, path: str, endpoint: Callable, **kwargs) -> None:
         super().__init__(path, endpoint, **kwargs)
         if takes_only_the_request(self.dependant) and inspect.iscoroutinefunction(endpoint):
-            self.app = _direct_app(endpoint, self.dependant.request_param_name)
+            self.app = request_response(endpoint)
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
@@ -78,23 +78,6 @@ class FastJSONRoute(APIRoute):
             return await handler(FastJSONRequest(request.scope, request.receive))
 
         return parse_with_orjson
-
-
-def _direct_app(endpoint: Callable, param: str):
-    """ASGI app: endpoint(request) -> Response, its exceptions to the app's exception handlers."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        request = FastJSONRequest(scope, receive, send)
-
-        async def respond(scope: Scope, receive: Receive, send: Send) -> None:
-            response = await endpoint(**{param: request})
-            if not isinstance(response, Response):
-                raise TypeError(f"{endpoint.__qualname__} must return a Response, got {type(response).__name__}")
-            await response(scope, receive, send)
-
-        await wrap_app_handling_exceptions(respond, request)(scope, receive, send)
-
-    return app
 
 
 async def read_json_body(request: Request, model: type[M]) -> M:
