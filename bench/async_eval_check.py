@@ -45,7 +45,7 @@ def main() -> None:
     def once() -> tuple[float, float]:
         import mlx.core as mx
 
-        streams = forward._streams or [None]  # the engine's CPU streams, or the default one
+        streams = forward.streams or [None]  # the engine's CPU streams, or the default one
         parts = [batch[i::len(streams)] for i in range(len(streams))]
         outs = []
         for part, stream in zip(parts, streams):
@@ -61,7 +61,7 @@ def main() -> None:
     rows = [worker.call(once) for _ in range(args.repeats)]
     in_async = statistics.median(a for a, _ in rows) * 1000
     after = statistics.median(b for _, b in rows) * 1000
-    print(f"{args.case}, batch {args.batch}, {len(forward._streams) or 1} stream(s): mx.async_eval returned after "
+    print(f"{args.case}, batch {args.batch}, {len(forward.streams) or 1} stream(s): mx.async_eval returned after "
           f"{in_async:.1f} ms (median of {args.repeats}), mx.eval waited {after:.1f} ms more: "
           f"{in_async / (in_async + after):.0%} of the batch inside async_eval", flush=True)
     os._exit(0)  # without tearing MLX down (benchmark/raw.py says why)

@@ -62,9 +62,10 @@ def main() -> None:
         for spec in args.cases:
             case, batch = spec.split(":")
             n = int(batch)
-            for mode, beside in itertools.product(args.modes, args.beside):
+            runs = list(itertools.product(args.modes, args.beside))
+            for j, (mode, beside) in enumerate(runs):
                 count = args.fresh_batches if mode == "fresh" else 1
-                first = (r * count + 1) * n  # every round and batch its own numbers
+                first = ((r * len(runs) + j) * count + 1) * n  # every round, run and batch its own numbers
                 batches = itertools.cycle([[emb.prepare(EmbedItem(text=t)) for t, _ in
                                             case_inputs(case, n, offset=first + k * n)] for k in range(count)])
                 neighbour = burst_neighbour(args.burst_ms, args.period_ms) if beside == "burst" else None

@@ -134,6 +134,12 @@ class ShardedForward:
             if embedder.use_packed_sequences():
                 log.info("batches run as packed sequences, no padding (engine.pack_sequences)")
 
+    @property
+    def streams(self) -> list:
+        """The CPU streams a split batch runs on, one per shard (empty: one stream, MLX's default).
+        Use them on the worker's thread only: an MLX stream is visible only to the thread that made it."""
+        return self._streams
+
     @staticmethod
     def packs(embedder: Embedder) -> bool:
         """Whether this (adopted) embedder runs its batches packed: a batch then costs its real
