@@ -1,4 +1,4 @@
-import sys, time, itertools, os, statistics
+import sys, time, itertools, os
 sys.path.insert(0, '/work/main'); sys.path.insert(0, '/work/main/bench')
 import numpy as np
 from profile_server import machine_cpu
