@@ -165,13 +165,7 @@ class ShardedForward:
             return self._bucketed(embedder, batch)
         if self.shards == 1:
             return embedder.forward(batch)
-        if self.packs(embedder):
-            work = [sequence_work(p.cost, embedder.dimension) for p in batch]
-            runs = split_by_work(work, self.shards)
-            if len(runs) > 1 and max(sum(work[i] for i in r) for r in runs) > WHOLE_ABOVE_SHARE * sum(work):
-                runs = [list(range(len(batch)))]
-        else:
-            runs = split_by_cost([p.cost for p in batch], self.shards)
+        runs = self.plan(embedder, batch)
         if len(runs) == 1:  # one item (or one run): nothing to split, so its matmuls use every core
             return self._whole(embedder, batch)
         outs = []
@@ -183,6 +177,18 @@ class ShardedForward:
         for run, out in zip(runs, outs):
             result[run] = np.array(out, copy=False)
         return result
+
+    def plan(self, embedder: Embedder, batch: Sequence[Prepared]) -> list[list[int]]:
+        """How a batch splits across the CPU streams: the items' indices, one run per stream. One
+        run means it runs whole: a single item, or a packed batch whose busiest stream would hold
+        more than WHOLE_ABOVE_SHARE of the work."""
+        if self.packs(embedder):
+            work = [sequence_work(p.cost, embedder.dimension) for p in batch]
+            runs = split_by_work(work, self.shards)
+            if len(runs) > 1 and max(sum(work[i] for i in r) for r in runs) > WHOLE_ABOVE_SHARE * sum(work):
+                runs = [list(range(len(batch)))]
+            return runs
+        return split_by_cost([p.cost for p in batch], self.shards)
 
     def _bucketed(self, embedder: Embedder, batch: Sequence[Prepared]) -> np.ndarray:
         """The batch padded to its bucketed shape, timed for the shape tally: building the graph
