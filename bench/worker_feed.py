@@ -121,7 +121,7 @@ async def feed(mode: str, worker, timed: TimedForward, batches: list[list], seco
 
     await closed_loop(batcher.submit, items, clients, stop)
     await batcher.stop()
-    while batcher._draining:  # the last batch off the worker before the next mode's clock starts
+    while batcher.lanes_busy:  # the last batch off the worker before the next mode's clock starts
         await asyncio.sleep(0.005)
     return batcher.batches_run
 

@@ -79,6 +79,11 @@ class EngineSettings(_Section):
     # MLX's CPU backend: split each batch across this many CPU streams (engine/shards.py);
     # 0 = one per core on Linux, 1 elsewhere. Ignored on Metal and CUDA.
     cpu_shards: int = Field(0, ge=0)
+    # MLX's CPU backend: run batches on this many replica processes, each a copy of the model on
+    # one core taking whole batches of its own, instead of splitting each batch across CPU
+    # streams (engine/replicas.py says why). 0 = auto: one per core on Linux for models that run
+    # packed sequences (small BERT-family text encoders), none otherwise; 1 = none.
+    cpu_replicas: int = Field(0, ge=0)
     # MLX's CPU backend: MiB of freed buffers kept for reuse (engine/buffer_cache.py); MLX's own
     # limit there is 32 MiB, less than one batch. 0 = auto: an eighth of memory, 256 MiB to 4 GiB.
     cpu_buffer_cache_mb: int = Field(0, ge=0)

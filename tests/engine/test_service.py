@@ -19,7 +19,9 @@ from tests.helpers import cosine, make_settings
 
 @pytest.fixture(scope="module")
 async def service():
-    s = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.max_batch_items": 64}))
+    # The server's own MLX worker runs the batches (no replicas: tests here hold that worker);
+    # tests/engine/test_replicas.py covers engine.cpu_replicas.
+    s = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.max_batch_items": 64, "engine.cpu_replicas": 1}))
     await s.start()
     yield s
     await s.stop()

@@ -155,22 +155,65 @@ def sharded_engine(model: str, device: str = "cpu", cpu_shards: int = 0, dtype: 
 
 
 def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str | None,
-               image_side: int = 128, cpu_shards: int = 0) -> dict:
+               image_side: int = 128, cpu_shards: int = 0, cpu_replicas: int = 0) -> dict:
+    """Each batch size timed on the engine's CPU streams (or its one device stream) and, where the
+    server would run replicas (engine.cpu_replicas), on that many replica processes as well: a
+    row's items_per_s is the better of the two, so the server is held to the best the engine does."""
     from ..blas import describe
+    from ..cores import available_cores
+    from ..engine.replicas import resolve_replicas
 
     worker, emb, sharded = sharded_engine(model, device, cpu_shards, dtype)
+    replicas = resolve_replicas(cpu_replicas, sharded.on_cpu, sharded.packs(emb), available_cores())
+    replicas = replicas if replicas > 1 and sharded.buckets is None and not dtype else 0
+    lanes = start_replica_lanes(model, replicas, sharded.pack) if replicas else []
     rows = []
     for b in batches:
         prepared = prepared_inputs(emb, case, b, image_side)
         row = worker.call(time_batches, lambda: sharded(emb, prepared), b, seconds)
         row["tokens_per_item"] = max(p.cost for p in prepared)
+        if lanes:
+            row["layout"] = "streams"
+            row["streams_items_per_s"] = row["items_per_s"]
+            row["replicas_items_per_s"] = time_replicas(lanes, prepared, seconds)
+            if row["replicas_items_per_s"] > row["items_per_s"]:
+                row["items_per_s"], row["layout"] = row["replicas_items_per_s"], "replicas"
         rows.append(row)
         print(f"batch {b}: {row}", file=sys.stderr, flush=True)
+    for lane in lanes:
+        lane.stop()
     return {"system": "mlx-engine", "model": emb.model_id, "case": case, "blas": describe(),
-            "cpu_shards": sharded.shards, "compiled": bool(getattr(emb, "compiled", False)),
+            "cpu_shards": sharded.shards, "cpu_replicas": replicas, "compiled": bool(getattr(emb, "compiled", False)),
             "packed_sequences": sharded.packs(emb),
             "cpu_buffer_cache_mb": worker.cpu_buffer_cache_mb,
             "results": rows}
+
+
+def start_replica_lanes(model: str, n: int, pack: bool) -> list:
+    """n of the engine's replica processes (engine/replicas.py) with the model loaded as the
+    streams' copy is (load_on_worker), on the CPU backend."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..engine.replicas import ReplicaLane
+    from ..models.registry import resolve_model_dir
+
+    load_args = ("none", None, None, None)  # as load_on_worker loads the streams' copy
+    lanes = [ReplicaLane(i, resolve_model_dir(model), load_args, 0, pack) for i in range(n)]
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda lane: lane.start(), lanes))
+    return lanes
+
+
+def time_replicas(lanes: list, prepared: list, seconds: float) -> float:
+    """Items/s of every replica running the batch again and again at once, each on its own
+    thread here: the sum of each replica's batch / its median batch time (as time_batches)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for lane in lanes:
+        lane.forward(prepared)  # warm-up at this shape
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        rows = list(pool.map(lambda lane: time_batches(lambda: lane.forward(prepared), len(prepared), seconds), lanes))
+    return round(sum(r["items_per_s"] for r in rows), 1)
 
 
 def torch_forward(model: str, case: str, batches: list[int], seconds: float, device: str, dtype: str,
@@ -229,10 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     ap.add_argument("--image-side", type=int, default=128)
     ap.add_argument("--cpu-shards", type=int, default=0, help="mlx: engine.cpu_shards (0: one per core on Linux CPU)")
+    ap.add_argument("--cpu-replicas", type=int, default=0,
+                    help="mlx: engine.cpu_replicas (0: auto, as the server; 1: streams only)")
     args = ap.parse_args(argv)
     if args.system == "mlx":
         out = mlx_engine(args.model, args.case, args.batch, args.seconds, args.device or "auto", args.dtype,
-                         args.image_side, args.cpu_shards)
+                         args.image_side, args.cpu_shards, args.cpu_replicas)
     else:
         out = torch_forward(args.model, args.case, args.batch, args.seconds, args.device or "cpu",
                             args.dtype or "float32", args.image_side)

@@ -13,12 +13,15 @@ sequences (no padding: models/packed_bert.py), a batch costs its real tokens and
 freely: the batch is then the oldest waiting items that fit, in arrival order. While the worker
 runs one batch, new arrivals queue up and form the next one, so batches grow with load without
 any fixed wait. The worker takes that next batch itself, on its own thread, the moment the last
-one ends (Batcher._drain); the event loop queues items and hands out answers.
+one ends (Batcher._drain); the event loop queues items and hands out answers. With several
+lanes (engine replicas on the CPU backend: engine/replicas.py) each lane drains the same queue on
+its own thread, and a lane that starts while others are idle takes only its share of what waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -131,12 +134,13 @@ class Batcher:
     def __init__(self, worker: BatchWorker, forward: Forward, max_batch_tokens: int, max_batch_items: int,
                  max_queue_items: int, retry_after_seconds: int = 1,
                  on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0,
-                 padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False):
+                 padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False,
+                 lanes: Sequence[tuple[BatchWorker, Forward]] = ()):
         """forward: a batch's vectors, run on the worker's thread; padded_tokens: the shape the
         device runs a padded batch as; packed: batches run as packed sequences (the budget counts
-        real tokens, padded_tokens is not used)."""
-        self._worker = worker
-        self._forward = forward
+        real tokens, padded_tokens is not used); lanes: (worker, forward) pairs that each run
+        batches of this queue on their own, in place of worker and forward (engine replicas)."""
+        self._lanes = list(lanes) or [(worker, forward)]
         self._padded = padded_tokens
         self.packed = packed
         self._on_batch = on_batch
@@ -145,12 +149,13 @@ class Batcher:
         self.min_padding_efficiency = min_padding_efficiency
         self.max_queue_items = max_queue_items
         self.retry_after_seconds = retry_after_seconds
-        # Shared with the worker's thread, under _lock: the queue, whether a drain job is on the
-        # worker (queued or running), and the batch it is running.
+        # Shared with the lanes' threads, under _lock: the queue, the lanes with no drain job on
+        # their worker (queued or running), and the batch each lane is running.
         self._lock = threading.Lock()
         self._pending: list[_Entry] = []
-        self._draining = False
-        self._in_flight: list[_Entry] = []
+        self._idle: list[int] = list(range(len(self._lanes)))
+        self._kicked: set[int] = set()  # drains posted that have not yet taken their first batch
+        self._in_flight: dict[int, list[_Entry]] = {}
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kick_due = False
@@ -167,6 +172,15 @@ class Batcher:
     def depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    @property
+    def lanes_busy(self) -> int:
+        """Lanes with a drain job (read without the lock: a hint, for how many threads a batch may use)."""
+        return len(self._lanes) - len(self._idle)
+
     def start(self) -> None:
         """On the event loop that submits: answers come back to it."""
         self._loop = asyncio.get_running_loop()
@@ -176,7 +190,8 @@ class Batcher:
         dropped) and take no more."""
         self._closed = True
         with self._lock:
-            left, self._pending = self._pending + self._in_flight, []
+            left = self._pending + [e for batch in self._in_flight.values() for e in batch]
+            self._pending = []
         for e in left:
             if not e.future.done():
                 e.future.set_exception(RuntimeError("the server is shutting down"))
@@ -191,7 +206,7 @@ class Batcher:
         entries = [_Entry(p, loop.create_future(), next(self._seq)) for p in items]
         with self._lock:
             self._pending.extend(entries)
-            idle = not self._draining
+            idle = bool(self._idle)
         if idle and not self._kick_due:
             # Start the worker at the end of this loop turn, not now: items that arrive in the same
             # turn (one frame from a front end carries many) join the same batch.
@@ -202,71 +217,91 @@ class Batcher:
     def _kick(self) -> None:
         self._kick_due = False
         with self._lock:
-            if self._draining or not self._pending or self._closed:
-                return
-            self._draining = True
-        try:
-            self._worker.post(self._drain)
-        except Exception as exc:  # noqa: BLE001 - the worker has stopped: fail what waits, not hang
-            with self._lock:
-                left, self._pending, self._draining = self._pending, [], False
-            self._deliver(left, None, exc)
+            if not self._closed:
+                self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        """Under _lock (the event loop's or a lane's thread): start a drain on idle lanes, one per
+        waiting item at most."""
+        n = min(len(self._idle), len(self._pending))
+        starting, self._idle = self._idle[:n], self._idle[n:]
+        for lane in starting:
+            try:
+                self._lanes[lane][0].post(functools.partial(self._drain, lane))
+                self._kicked.add(lane)
+            except Exception as exc:  # noqa: BLE001 - the worker has stopped: fail what waits, not hang
+                left, self._pending = self._pending, []
+                self._idle.append(lane)
+                self._answer(left, None, exc)
 
     # ---- the worker's thread ---------------------------------------------------------------
-    def _take(self) -> list[_Entry]:
-        """Under _lock: the next batch out of the queue (cancelled items dropped first)."""
+    def _take(self, lane: int = 0) -> list[_Entry]:
+        """Under _lock: the next batch out of the queue (cancelled items dropped first). Where
+        other lanes are idle (they have been kicked, or will be), this lane takes its share of
+        what waits, not all of it: one lane running every waiting item while the others idle would
+        bind the clients into one cohort that the lanes take in turn."""
         live = [e for e in self._pending if not e.future.done()]
         self.items_dropped += len(self._pending) - len(live)  # clients that went away
         if not live:
             self._pending = []
             return []
         costs, seqs = [e.prepared.cost for e in live], [e.seq for e in live]
+        max_items = self.max_batch_items
+        others_free = len(self._idle) + len(self._kicked)
+        if others_free:
+            max_items = min(max_items, -(-len(live) // (others_free + 1)))
         if self.packed:
-            chosen = plan_packed_batch(costs, seqs, self.max_batch_tokens, self.max_batch_items)
+            chosen = plan_packed_batch(costs, seqs, self.max_batch_tokens, max_items)
         else:
-            chosen = plan_batch(costs, seqs, self.max_batch_tokens, self.max_batch_items,
+            chosen = plan_batch(costs, seqs, self.max_batch_tokens, max_items,
                                 self.min_padding_efficiency, self._padded)
         picked = set(chosen)
         self._pending = [e for i, e in enumerate(live) if i not in picked]
+        if self._pending and self._idle:
+            self._wake_idle()  # the rest is theirs
         return [live[i] for i in chosen]
 
-    def _drain(self) -> None:
+    def _drain(self, lane: int = 0) -> None:
         """Worker job: batch after batch while items wait, each taken the moment the last one
         ends. The event loop only queues items and hands out the answers: a batch never waits
         for the loop to notice that the last one ended and hand over the next (on an H100, ~1.3 ms
         of a 13 ms batch of 32 short texts: bench/worker_feed.py). Other jobs on the worker (a
         model loading) go first: the drain steps behind them and carries on after."""
+        worker, forward = self._lanes[lane]
         try:
             while True:
                 with self._lock:
-                    batch = [] if self._closed else self._take()
-                    self._in_flight = batch
+                    self._kicked.discard(lane)
+                    batch = [] if self._closed else self._take(lane)
                     if not batch:
-                        self._draining = False
+                        self._in_flight.pop(lane, None)
+                        self._idle.append(lane)
                         return
-                self._run(batch)
+                    self._in_flight[lane] = batch
+                self._run(batch, worker, forward)
                 with self._lock:
-                    self._in_flight = []
-                if self._worker.jobs_waiting:
-                    self._worker.post(self._drain)
+                    self._in_flight.pop(lane, None)
+                if worker.jobs_waiting:
+                    worker.post(functools.partial(self._drain, lane))
                     return
         except BaseException as exc:  # a bug here must not leave the queue waiting forever
             log.exception("the batcher's drain failed")
             with self._lock:
-                lost, self._in_flight, self._draining = self._in_flight, [], False
+                lost = self._in_flight.pop(lane, [])
+                self._idle.append(lane)
             self._answer(lost, None, exc)
             raise
 
-    def _run(self, batch: list[_Entry]) -> None:
+    def _run(self, batch: list[_Entry], worker: BatchWorker, forward: Forward) -> None:
         try:
-            vectors = self._worker.step(self._forward, [e.prepared for e in batch])
+            vectors = worker.step(forward, [e.prepared for e in batch])
         except Exception as exc:  # noqa: BLE001
             if len(batch) > 1:
                 # One bad item must not fail its neighbours: retry each alone.
                 log.warning("batch of %d failed (%s); retrying items one by one", len(batch), exc)
                 for e in batch:
                     if not e.future.done():
-                        self._run([e])
+                        self._run([e], worker, forward)
                 return
             self._answer(batch, None, exc)
             return

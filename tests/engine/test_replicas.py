@@ -1,0 +1,87 @@
+"""Engine replicas (engine.cpu_replicas) on real MLX with MiniLM: replica processes give the
+vectors the CPU streams give, share the load, split a waiting queue between idle lanes, and a
+replica that dies is started again without losing the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tkr_embed.engine.replicas import resolve_replicas
+from tkr_embed.engine.service import EmbeddingService
+from tkr_embed.models.base import EmbedItem
+from tests.conftest import MINILM_SPEC
+from tests.helpers import cosine, make_settings
+
+
+def test_auto_means_one_replica_per_core_for_packed_models_on_linux_cpu(monkeypatch):
+    monkeypatch.setattr("sys.platform", "linux")
+    assert resolve_replicas(0, on_cpu=True, packs=True, cores=4) == 4
+    assert resolve_replicas(0, on_cpu=True, packs=False, cores=4) == 1  # a Qwen2-VL copy per core: no
+    assert resolve_replicas(0, on_cpu=False, packs=True, cores=4) == 1  # Metal, CUDA: never
+    assert resolve_replicas(3, on_cpu=True, packs=False, cores=2) == 3  # asked for
+    monkeypatch.setattr("sys.platform", "darwin")
+    assert resolve_replicas(0, on_cpu=True, packs=True, cores=8) == 1
+
+
+@pytest.fixture(scope="module")
+async def replicated():
+    s = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.cpu_replicas": 2}))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture(scope="module")
+async def streams():
+    s = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.cpu_replicas": 1}))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def texts(n: int, tag: str) -> list[str]:
+    return [f"{tag} text number {i}: " + "word " * (i % 23) for i in range(n)]
+
+
+async def test_replicas_give_the_streams_vectors_and_share_the_load(replicated, streams):
+    assert replicated.info()["worker"]["cpu_replicas"] == 2 and streams.info()["worker"]["cpu_replicas"] == 0
+    items = [EmbedItem(text=t) for t in texts(48, "parity")]
+    jobs = [r.jobs_run for r in replicated.replicas]
+    got = await asyncio.gather(*(replicated.embed([it]) for it in items))
+    want = await asyncio.gather(*(streams.embed([it]) for it in items))
+    for g, w in zip(got, want):
+        assert cosine(g.vectors[0], w.vectors[0]) >= 0.99999
+        assert g.token_counts == w.token_counts
+    assert all(r.jobs_run > j for r, j in zip(replicated.replicas, jobs)), "a replica ran nothing"
+    assert all(s["busy_seconds"] > 0 for s in replicated.info()["worker"]["replicas"])
+
+
+async def test_idle_lanes_split_what_waits(replicated):
+    emb = replicated.loaded.embedder
+    prepared = [emb.prepare(EmbedItem(text=t)) for t in texts(20, "split")]
+    before = len(replicated.batcher.recent_batch_sizes)
+    vectors = await asyncio.gather(*replicated.batcher.submit(prepared))  # one turn: both lanes idle
+    sizes = list(replicated.batcher.recent_batch_sizes)[before:]
+    assert sorted(sizes) == [10, 10], sizes
+    assert len(vectors) == 20 and all(np.isfinite(v).all() for v in vectors)
+
+
+async def test_a_replica_that_dies_is_started_again_and_its_batch_still_answered(replicated, streams):
+    victim = replicated.replicas[0]
+    old_pid = victim.pid
+    os.kill(old_pid, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    items = [EmbedItem(text=t) for t in texts(16, "after a crash")]
+    got = await asyncio.wait_for(asyncio.gather(*(replicated.embed([it]) for it in items)), 120)
+    want = await asyncio.gather(*(streams.embed([it]) for it in items))
+    assert all(cosine(g.vectors[0], w.vectors[0]) >= 0.99999 for g, w in zip(got, want))
+    assert victim.restarts == 1 and victim.pid not in (None, old_pid)
+    # and the restarted replica serves: both lanes run the next load
+    jobs = victim.jobs_run
+    await asyncio.gather(*(replicated.embed([EmbedItem(text=t)]) for t in texts(32, "serving again")))
+    assert victim.jobs_run > jobs

@@ -1,0 +1,198 @@
+"""Engine replicas on MLX's CPU backend: processes that each run whole batches on one core.
+
+The engine's other way to use several cores, CPU streams (engine/shards.py), splits every batch
+into one part per core and joins the parts at the batch's end. On a machine whose cores the
+server shares with its own event loop and its clients, a preempted stream then leaves the other
+cores idle at every batch's end: a bursty neighbour of an eighth of a core cost the raw engine
+8.7-9.6% on 2 cores (docs/benchmarks.md, "where the server's idle time comes from"). Replicas
+never join: each takes the next batch from the batcher the moment its last one ends, so a core
+that is preempted delays only its own batch.
+
+Each replica is a process with its own copy of the model (its own GIL and MLX: MLX cannot be
+called from two threads of one process), fed by a thread of this process (a lane) over a pipe:
+prepared items (numpy arrays) in, the batch's float32 vectors out. Pickle is only safe between
+trusted peers; both ends are this server's own processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..models.base import Prepared
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+START_TIMEOUT_SECONDS = 600.0  # loading a model from disk and its first forward pass
+
+
+def resolve_replicas(setting: int, on_cpu: bool, packs: bool, cores: int) -> int:
+    """engine.cpu_replicas: 0 = auto, one per core on Linux's CPU backend where the model runs
+    packed sequences (the small BERT-family text encoders, whose copies cost little memory);
+    otherwise no replicas. Replicas run only on the CPU backend."""
+    if not on_cpu:
+        return 1
+    if setting == 0:
+        return cores if packs and sys.platform.startswith("linux") else 1
+    return setting
+
+
+class ReplicaFailed(RuntimeError):
+    """The replica process died or could not load the model."""
+
+
+def _replica_main(conn, resolved, load_args: tuple, buffer_cache_mb: int, pack: bool) -> None:
+    """The replica process: load the model on the CPU backend, one core's worth of threads, then
+    answer batches until the pipe closes. One thread only: it is the only one that touches MLX."""
+    try:
+        import mlx.core as mx
+
+        from ..blas import set_blas_threads
+        from ..models.registry import load_embedder
+        from .buffer_cache import set_cpu_buffer_cache
+        from .shards import ShardedForward
+
+        mx.set_default_device(mx.cpu)
+        set_cpu_buffer_cache(buffer_cache_mb, True)
+        set_blas_threads(1, quiet=True)  # this replica's matmuls on its own core
+        embedder = load_embedder(resolved, *load_args).embedder
+        forward = ShardedForward(1, pack=pack)
+        forward.adopt(embedder)
+        conn.send(("ready", os.getpid()))
+    except BaseException as exc:  # noqa: BLE001 - reported to the server, which refuses to start
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the server went away
+            return
+        if message is None:
+            return
+        batch, threads = message
+        try:
+            set_blas_threads(threads, quiet=True)
+            conn.send(("ok", forward(embedder, batch)))
+        except Exception as exc:  # noqa: BLE001 - the batcher retries the items one by one
+            conn.send(("err", f"{type(exc).__name__}: {exc}"))
+
+
+class ReplicaLane:
+    """One replica process and the thread of this process that feeds it: what the batcher needs of
+    a worker (post, step, jobs_waiting), plus `forward`, which runs a batch on the replica."""
+
+    def __init__(self, index: int, resolved, load_args: tuple, buffer_cache_mb: int, pack: bool):
+        self._spawn_args = (resolved, load_args, buffer_cache_mb, pack)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"replica-lane-{index}", daemon=True)
+        self.index = index
+        self.pid: int | None = None
+        self.busy_seconds = 0.0
+        self.jobs_run = 0
+        self.restarts = 0
+        self._stopped = False
+        self._process = self._conn = None
+
+    def start(self) -> None:
+        """Blocking: start the process and wait until its model is loaded."""
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that has MLX's threads
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_replica_main, name=f"tkr-replica-{self.index}", daemon=True,
+                                    args=(child, *self._spawn_args))
+        self._process.start()
+        child.close()
+        if not self._conn.poll(START_TIMEOUT_SECONDS):
+            self._process.kill()
+            raise ReplicaFailed(f"replica {self.index} did not load the model in {START_TIMEOUT_SECONDS:.0f} s")
+        status, detail = self._recv()
+        if status != "ready":
+            raise ReplicaFailed(f"replica {self.index} could not load the model: {detail}")
+        self.pid = detail
+
+    def _recv(self) -> tuple:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._process.join(1)
+            raise ReplicaFailed(f"replica {self.index} died (exit code {self._process.exitcode})") from exc
+
+    def forward(self, batch: Sequence[Prepared], threads: int = 1) -> np.ndarray:
+        """The lane's thread: the batch's vectors from the replica; threads: BLAS threads it may
+        use for this batch (more than one only while the other replicas are idle). A replica that
+        died is started again before this fails: the batch is lost (the batcher retries its items
+        one by one, so an item that kills a replica fails alone), the lane is not."""
+        try:
+            self._conn.send((list(batch), threads))
+            status, result = self._recv()
+        except (ReplicaFailed, OSError) as exc:
+            if self._stopped:
+                raise ReplicaFailed(f"replica {self.index} has stopped") from exc
+            log.error("replica %d failed running a batch of %d (%s); starting it again", self.index, len(batch), exc)
+            self.restarts += 1
+            self._conn.close()
+            self._spawn()
+            raise ReplicaFailed(f"the engine replica running this batch died ({exc}); it was restarted") from exc
+        if status != "ok":
+            raise RuntimeError(result)
+        return result
+
+    def stats(self) -> dict:
+        return {"pid": self.pid, "busy_seconds": round(self.busy_seconds, 3), "jobs_run": self.jobs_run,
+                "restarts": self.restarts}
+
+    # ---- the batcher's worker interface --------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - the batcher's drain logs and answers its own failures
+                pass
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        if self._stopped:
+            raise ReplicaFailed(f"replica {self.index} has stopped")
+        self._jobs.put(fn)
+
+    def step(self, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_seconds += time.perf_counter() - start
+            self.jobs_run += 1
+
+    @property
+    def jobs_waiting(self) -> int:
+        return 0  # the lane runs nothing but the batcher's drains
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._jobs.put(_STOP)
+        if self._process is None:
+            return
+        try:
+            self._conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
