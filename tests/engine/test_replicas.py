@@ -51,13 +51,13 @@ def texts(n: int, tag: str) -> list[str]:
 async def test_replicas_give_the_streams_vectors_and_share_the_load(replicated, streams):
     assert replicated.info()["worker"]["cpu_replicas"] == 2 and streams.info()["worker"]["cpu_replicas"] == 0
     items = [EmbedItem(text=t) for t in texts(48, "parity")]
-    jobs = [r.jobs_run for r in replicated.replicas]
+    sent = [r.batches_sent for r in replicated.replicas]
     got = await asyncio.gather(*(replicated.embed([it]) for it in items))
     want = await asyncio.gather(*(streams.embed([it]) for it in items))
     for g, w in zip(got, want):
         assert cosine(g.vectors[0], w.vectors[0]) >= 0.99999
         assert g.token_counts == w.token_counts
-    assert all(r.jobs_run > j for r, j in zip(replicated.replicas, jobs)), "a replica ran nothing"
+    assert all(r.batches_sent > n for r, n in zip(replicated.replicas, sent)), "a replica ran nothing"
     assert all(s["busy_seconds"] > 0 for s in replicated.info()["worker"]["replicas"])
 
 
@@ -82,6 +82,18 @@ async def test_a_replica_that_dies_is_started_again_and_its_batch_still_answered
     assert all(cosine(g.vectors[0], w.vectors[0]) >= 0.99999 for g, w in zip(got, want))
     assert victim.restarts == 1 and victim.pid not in (None, old_pid)
     # and the restarted replica serves: both lanes run the next load
-    jobs = victim.jobs_run
+    sent = victim.batches_sent
     await asyncio.gather(*(replicated.embed([EmbedItem(text=t)]) for t in texts(32, "serving again")))
-    assert victim.jobs_run > jobs
+    assert victim.batches_sent > sent
+
+
+async def test_a_lone_item_runs_on_the_server_worker_with_every_core(replicated, streams):
+    """At one client a replica (one core) would be slower than the server's own worker with a
+    BLAS thread per core: a lone item, the other lanes idle, goes there."""
+    sent, worker_jobs = [r.batches_sent for r in replicated.replicas], replicated.worker.jobs_run
+    item = EmbedItem(text="a lone query while nothing else runs")
+    got = await replicated.embed([item])
+    want = await streams.embed([item])
+    assert cosine(got.vectors[0], want.vectors[0]) >= 0.99999
+    assert replicated.worker.jobs_run == worker_jobs + 1
+    assert [r.batches_sent for r in replicated.replicas] == sent  # no replica ran it

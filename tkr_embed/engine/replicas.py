@@ -78,10 +78,8 @@ def _replica_main(conn, resolved, load_args: tuple, buffer_cache_mb: int, pack: 
             return
         if message is None:
             return
-        batch, threads = message
         try:
-            set_blas_threads(threads, quiet=True)
-            conn.send(("ok", forward(embedder, batch)))
+            conn.send(("ok", forward(embedder, message)))
         except Exception as exc:  # noqa: BLE001 - the batcher retries the items one by one
             conn.send(("err", f"{type(exc).__name__}: {exc}"))
 
@@ -97,7 +95,8 @@ class ReplicaLane:
         self.index = index
         self.pid: int | None = None
         self.busy_seconds = 0.0
-        self.jobs_run = 0
+        self.jobs_run = 0  # the batcher's steps on this lane (lone items among them run elsewhere)
+        self.batches_sent = 0  # batches the replica process ran
         self.restarts = 0
         self._stopped = False
         self._process = self._conn = None
@@ -129,13 +128,13 @@ class ReplicaLane:
             self._process.join(1)
             raise ReplicaFailed(f"replica {self.index} died (exit code {self._process.exitcode})") from exc
 
-    def forward(self, batch: Sequence[Prepared], threads: int = 1) -> np.ndarray:
-        """The lane's thread: the batch's vectors from the replica; threads: BLAS threads it may
-        use for this batch (more than one only while the other replicas are idle). A replica that
+    def forward(self, batch: Sequence[Prepared]) -> np.ndarray:
+        """The lane's thread: the batch's vectors from the replica. A replica that
         died is started again before this fails: the batch is lost (the batcher retries its items
         one by one, so an item that kills a replica fails alone), the lane is not."""
+        self.batches_sent += 1
         try:
-            self._conn.send((list(batch), threads))
+            self._conn.send(list(batch))
             status, result = self._recv()
         except (ReplicaFailed, OSError) as exc:
             if self._stopped:
@@ -150,7 +149,7 @@ class ReplicaLane:
         return result
 
     def stats(self) -> dict:
-        return {"pid": self.pid, "busy_seconds": round(self.busy_seconds, 3), "jobs_run": self.jobs_run,
+        return {"pid": self.pid, "busy_seconds": round(self.busy_seconds, 3), "batches": self.batches_sent,
                 "restarts": self.restarts}
 
     # ---- the batcher's worker interface --------------------------------------------------------

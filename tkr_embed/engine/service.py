@@ -145,7 +145,7 @@ class EmbeddingService:
         forward = functools.partial(self.sharded, emb)  # worker thread: a batch's vectors
         warm = EmbedItem(text="warm-up")
         prepared = await loop.run_in_executor(self.cpu_pool, emb.prepare, warm)
-        lanes = await self._start_replicas(resolved, [prepared])
+        lanes = await self._start_replicas(resolved, [prepared], forward)
         self.batcher = Batcher(self.worker, forward, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded,
@@ -167,9 +167,12 @@ class EmbeddingService:
             gc.collect()
             gc.freeze()
 
-    async def _start_replicas(self, resolved: ResolvedModel, warm: list[Prepared]) -> list:
+    async def _start_replicas(self, resolved: ResolvedModel, warm: list[Prepared],
+                              forward: Callable[[Sequence[Prepared]], np.ndarray]) -> list:
         """engine.cpu_replicas > 1 on the CPU backend (the server's own model only): the replica
-        processes, started and warmed in parallel, as the batcher's lanes; [] otherwise."""
+        processes, started and warmed in parallel, as the batcher's lanes; [] otherwise.
+        forward: this process's own forward on its MLX worker (lone items)."""
+        from .buffer_cache import resolve_cpu_buffer_cache
         from .replicas import ReplicaLane, resolve_replicas
 
         m, e = self.model_settings, self.settings.engine
@@ -178,18 +181,22 @@ class EmbeddingService:
         if n <= 1 or not self._owns_worker or self.sharded.buckets is not None:
             return []
         load_args = (m.quantization, m.max_tokens, m.min_pixels, m.max_pixels)
-        self.replicas = [ReplicaLane(i, resolved, load_args, e.cpu_buffer_cache_mb, self.sharded.pack)
-                         for i in range(n)]
+        # engine.cpu_buffer_cache_mb is the server's ceiling: each replica keeps its share of it
+        cache_mb = max(1, (resolve_cpu_buffer_cache(e.cpu_buffer_cache_mb) // n) >> 20)
+        self.replicas = [ReplicaLane(i, resolved, load_args, cache_mb, self.sharded.pack) for i in range(n)]
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, r.start) for r in self.replicas))
         await asyncio.gather(*(loop.run_in_executor(None, r.forward, warm) for r in self.replicas))
         log.info("batches run on %d replica processes, one core each (engine.cpu_replicas)", n)
 
         def lane_forward(replica, batch):
-            # A lone item while the other replicas idle may use every core (a long text alone:
-            # 107 -> 81 ms on 2 cores, as ShardedForward._whole does).
-            alone = len(batch) == 1 and self.batcher.lanes_busy <= 1
-            return replica.forward(batch, cores if alone else 1)
+            if len(batch) == 1 and self.batcher.lanes_busy <= 1:
+                # A lone item while the other replicas idle runs on this process's MLX worker,
+                # with a BLAS thread per core (ShardedForward._whole): at one client 22-24 ms
+                # per short text and 83-85 per long one there, against 26 and 91 on a replica
+                # with as many threads (docs/benchmarks.md, "Engine replicas").
+                return self.worker.call(forward, batch)
+            return replica.forward(batch)
 
         return [(r, functools.partial(lane_forward, r)) for r in self.replicas]
 
