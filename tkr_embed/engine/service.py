@@ -173,7 +173,7 @@ class EmbeddingService:
         processes, started and warmed in parallel, as the batcher's lanes; [] otherwise.
         forward: this process's own forward on its MLX worker (lone items)."""
         from .buffer_cache import resolve_cpu_buffer_cache
-        from .replicas import ReplicaLane, resolve_replicas
+        from .replicas import ReplicaFailed, ReplicaLane, resolve_replicas
 
         m, e = self.model_settings, self.settings.engine
         cores = available_cores()
@@ -185,8 +185,17 @@ class EmbeddingService:
         cache_mb = max(1, (resolve_cpu_buffer_cache(e.cpu_buffer_cache_mb) // n) >> 20)
         self.replicas = [ReplicaLane(i, resolved, load_args, cache_mb, self.sharded.pack) for i in range(n)]
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(None, r.start) for r in self.replicas))
-        await asyncio.gather(*(loop.run_in_executor(None, r.forward, warm) for r in self.replicas))
+        try:
+            await asyncio.gather(*(loop.run_in_executor(None, r.start) for r in self.replicas))
+            await asyncio.gather(*(loop.run_in_executor(None, r.forward, warm) for r in self.replicas))
+        except ReplicaFailed as exc:
+            replicas, self.replicas = self.replicas, []
+            for r in replicas:
+                await loop.run_in_executor(None, r.stop)
+            if e.cpu_replicas:  # asked for: the server does not start without them
+                raise
+            log.warning("engine replicas did not start (%s): batches split across CPU streams instead", exc)
+            return []
         log.info("batches run on %d replica processes, one core each (engine.cpu_replicas)", n)
 
         def lane_forward(replica, batch):
@@ -194,7 +203,7 @@ class EmbeddingService:
                 # A lone item while the other replicas idle runs on this process's MLX worker,
                 # with a BLAS thread per core (ShardedForward._whole): at one client 22-24 ms
                 # per short text and 83-85 per long one there, against 26 and 91 on a replica
-                # with as many threads (docs/benchmarks.md, "Engine replicas").
+                # with as many threads (docs/benchmarks.md, "engine replicas instead of split batches").
                 return self.worker.call(forward, batch)
             return replica.forward(batch)
 
