@@ -29,16 +29,20 @@ pytestmark = [pytest.mark.slow,
 FRONTENDS = ("--frontends", "2")
 
 
-def children(pid: int) -> list[int]:
-    """The front-end processes (multiprocessing's resource tracker is a child too)."""
+def children(pid: int, kind: str = "frontends") -> list[int]:
+    """The front-end processes, or (kind="replicas") the engine replicas, which name themselves
+    tkr-replica-N (multiprocessing's resource tracker is a child too)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         for c in (task / "children").read_text().split():
             try:
-                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
-                    out.append(int(c))
+                if b"spawn_main" not in Path(f"/proc/{c}/cmdline").read_bytes():
+                    continue
+                replica = Path(f"/proc/{c}/comm").read_text().startswith("tkr-replica")
             except FileNotFoundError:
-                pass
+                continue
+            if replica == (kind == "replicas"):
+                out.append(int(c))
     return out
 
 
@@ -97,6 +101,10 @@ def test_every_frontend_serves_and_metrics_count_them_all():
         assert info["model"]["dimension"] == 384 and info["model"]["family"] == "text_encoder"
         assert info["worker"]["cpu_shards"] == available_cores() and info["worker"]["compiled"] is False
         assert info["worker"]["jobs_run"] >= 1 and info["cache"]["scope"].startswith("front end ")
+        # engine.cpu_replicas auto: a replica process per core beside the front ends, on Linux
+        replicas = children(proc.pid, "replicas")
+        assert info["worker"]["cpu_replicas"] == len(replicas) == available_cores()
+        assert sorted(r["pid"] for r in info["worker"]["replicas"]) == sorted(replicas)
         texts = [f"front-end check {i}: embeddings on my own machine" for i in range(24)]
         responses = [fresh_post(base, t) for t in texts]
         assert [r.status_code for r in responses] == [200] * 24
@@ -128,7 +136,7 @@ def fresh_post_metrics(base: str) -> str:
 
 def test_sigterm_drains_every_frontend_then_exits_zero():
     with frontend_server(env={"EMBEDDING__SERVER__SHUTDOWN_GRACE_SECONDS": "120"}) as (base, proc):
-        kids = children(proc.pid)
+        kids = children(proc.pid) + children(proc.pid, "replicas")
 
         async def load_then_signal():
             async with httpx.AsyncClient(base_url=base, timeout=120, limits=httpx.Limits(max_connections=48)) as c:
@@ -158,9 +166,10 @@ def test_a_dead_frontend_is_replaced_and_frontends_never_outlive_the_engine():
         assert all(fresh_post(base, f"after the crash {i}").status_code == 200 for i in range(8))
         time.sleep(1.5)  # snapshots taken after the crash
         wait_until(lambda: linked(base) == 2, 30, "relinked")
-        proc.kill()  # the engine dies without a word: its front ends must leave, not serve errors
+        replicas = children(proc.pid, "replicas")
+        proc.kill()  # the engine dies without a word: its front ends (and replicas) must leave, not serve errors
         proc.wait(10)
-        wait_until(lambda: not any(alive(k) for k in replaced), 15, "front ends gone with the engine")
+        wait_until(lambda: not any(alive(k) for k in replaced + replicas), 15, "front ends and replicas gone with the engine")
 
 
 def test_with_auth_one_bootstrap_key_works_through_every_frontend(tmp_path):

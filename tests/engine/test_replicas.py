@@ -97,3 +97,23 @@ async def test_a_lone_item_runs_on_the_server_worker_with_every_core(replicated,
     assert cosine(got.vectors[0], want.vectors[0]) >= 0.99999
     assert replicated.worker.jobs_run == worker_jobs + 1
     assert [r.batches_sent for r in replicated.replicas] == sent  # no replica ran it
+
+
+async def test_replicas_that_cannot_start_fall_back_to_streams_under_auto_only(monkeypatch):
+    from tkr_embed.engine import replicas
+    from tkr_embed.engine.replicas import ReplicaFailed
+
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.setattr(replicas, "START_TIMEOUT_SECONDS", 0.0)  # no replica is ready in time
+    auto = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.cpu_replicas": 0}))
+    await auto.start()
+    try:
+        assert auto.replicas == [] and auto.batcher.lanes == 1
+        got = await auto.embed([EmbedItem(text=t) for t in texts(4, "fallback")])
+        assert got.vectors.shape == (4, auto.dimension)
+    finally:
+        await auto.stop()
+    asked = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.cpu_replicas": 2}))
+    with pytest.raises(ReplicaFailed, match="did not load"):
+        await asked.start()
+    await asked.stop()

@@ -143,7 +143,7 @@ class EngineHost:
             "padded_tokens": s.batcher.padded_tokens,
             "batch_sizes": dict(self.batch_sizes),
             "worker": {"busy_seconds": round(w.busy_seconds, 3), "jobs_run": w.jobs_run, "memory": dict(w.memory),
-                       "shapes": s.shape_times(),
+                       "shapes": s.shape_times(), "replicas": s.replica_stats(),
                        "alive": w.stalled(float("inf")) is None,
                        "job_running_seconds": None if started is None else time.monotonic() - started},
             "frontends": totals,

@@ -149,6 +149,9 @@ class FrontendService(EmbeddingService):
     def shape_times(self) -> list[dict] | None:
         return self.link.snapshot.get("worker", {}).get("shapes")
 
+    def replica_stats(self) -> list[dict]:
+        return self.link.snapshot.get("worker", {}).get("replicas", [])
+
     def engine_layout(self) -> dict:
         """The engine process's (it runs the model; this process only prepares inputs)."""
         return self.link.meta["layout"]

@@ -365,6 +365,10 @@ class EmbeddingService:
         batches are not bucketed). Every model of a pool shares the worker, and this tally."""
         return self.sharded.shape_times()
 
+    def replica_stats(self) -> list[dict]:
+        """Each engine replica's pid, busy seconds, batches and restarts, for /info ([]: none)."""
+        return [r.stats() for r in self.replicas]
+
     def engine_layout(self) -> dict:
         """How the engine runs the model: the model's own description and the forward pass's
         switches (a front end reports the engine process's, as it learned them on linking)."""
@@ -406,7 +410,7 @@ class EmbeddingService:
                 "jobs_run": self.worker.jobs_run,
                 "device": self.settings.model.device,  # the worker's, shared by every model
                 "shapes": self.shape_times(),  # bucketed shapes run: batches and seconds each
-                "replicas": [r.stats() for r in self.replicas],  # engine.cpu_replicas: each one's work
+                "replicas": self.replica_stats(),  # engine.cpu_replicas: each one's work
                 **{k: v for k, v in layout.items() if k != "describe"},  # describe went into "model"
             },
             "uptime_seconds": round(time.time() - self.started_at, 1),
