@@ -122,3 +122,38 @@ async def test_requests_fail_rather_than_wait_when_the_worker_has_stopped(minilm
     results = await asyncio.wait_for(
         asyncio.gather(*batcher.submit(texts(minilm, 2, "no worker")), return_exceptions=True), 2)
     assert all(isinstance(r, WorkerStopped) for r in results) and batcher.depth == 0
+
+
+class CostsOf(Recorded):
+    """Recorded, and each batch's token costs."""
+
+    def __init__(self, minilm):
+        super().__init__(minilm)
+        self.costs: list[list[int]] = []
+
+    def __call__(self, batch):
+        self.costs.append([p.cost for p in batch])
+        return super().__call__(batch)
+
+
+async def test_idle_lanes_share_a_packed_queue_by_tokens_a_padded_one_by_items(worker, minilm):
+    """Two lanes (here both on the one worker, so they run in turn): the first to take, with the
+    other idle, takes its share. Packed batches cost their tokens, so ten long documents first and
+    ten short ones after split by tokens, not five long and five long; padded ones split by items."""
+    docs = [f"long document {i}: " + "many words in a long passage " * 30 for i in range(10)]
+    docs += [f"short {i}" for i in range(10)]
+    prepared = [minilm.prepare(EmbedItem(text=t)) for t in docs]
+    total = sum(p.cost for p in prepared)
+    for packed in (True, False):
+        a, b = CostsOf(minilm), CostsOf(minilm)
+        batcher = Batcher(worker, a, max_batch_tokens=10**6, max_batch_items=64, max_queue_items=100,
+                          packed=packed, lanes=[(worker, a), (worker, b)])
+        batcher.start()
+        await asyncio.gather(*batcher.submit(prepared))
+        await batcher.stop()
+        taken = a.costs + b.costs
+        assert len(taken) == 2 and sum(map(len, taken)) == 20
+        if packed:  # each lane within one document of half the tokens
+            assert all(abs(sum(c) - total / 2) <= max(p.cost for p in prepared) for c in taken), taken
+        else:
+            assert sorted(len(c) for c in taken) == [10, 10]

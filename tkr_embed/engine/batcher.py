@@ -178,7 +178,8 @@ class Batcher:
 
     @property
     def lanes_busy(self) -> int:
-        """Lanes with a drain job (read without the lock: a hint, for how many threads a batch may use)."""
+        """Lanes with a drain job (read without the lock: a hint, as to whether a lone item may take
+        every core: engine/service.py)."""
         return len(self._lanes) - len(self._idle)
 
     def start(self) -> None:
@@ -246,12 +247,15 @@ class Batcher:
             self._pending = []
             return []
         costs, seqs = [e.prepared.cost for e in live], [e.seq for e in live]
-        max_items = self.max_batch_items
+        max_items, max_tokens = self.max_batch_items, self.max_batch_tokens
         others_free = len(self._idle) + len(self._kicked)
-        if others_free:
-            max_items = min(max_items, -(-len(live) // (others_free + 1)))
+        if others_free:  # a packed batch costs its tokens: share those; a padded one, its items
+            if self.packed:
+                max_tokens = min(max_tokens, -(-sum(costs) // (others_free + 1)))
+            else:
+                max_items = min(max_items, -(-len(live) // (others_free + 1)))
         if self.packed:
-            chosen = plan_packed_batch(costs, seqs, self.max_batch_tokens, max_items)
+            chosen = plan_packed_batch(costs, seqs, max_tokens, max_items)
         else:
             chosen = plan_batch(costs, seqs, self.max_batch_tokens, max_items,
                                 self.min_padding_efficiency, self._padded)
