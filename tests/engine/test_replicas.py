@@ -62,8 +62,10 @@ async def test_replicas_give_the_streams_vectors_and_share_the_load(replicated, 
 
 
 async def test_idle_lanes_split_what_waits(replicated):
+    """Twenty items of one length, two idle lanes: ten each (packed batches share by tokens:
+    tests/engine/test_batcher_drain.py splits mixed lengths)."""
     emb = replicated.loaded.embedder
-    prepared = [emb.prepare(EmbedItem(text=t)) for t in texts(20, "split")]
+    prepared = [emb.prepare(EmbedItem(text="twenty of the same length"))] * 20
     before = len(replicated.batcher.recent_batch_sizes)
     vectors = await asyncio.gather(*replicated.batcher.submit(prepared))  # one turn: both lanes idle
     sizes = list(replicated.batcher.recent_batch_sizes)[before:]
