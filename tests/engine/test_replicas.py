@@ -5,6 +5,7 @@ replica that dies is started again without losing the server."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 
@@ -24,6 +25,8 @@ def test_auto_means_one_replica_per_core_for_packed_models_on_linux_cpu(monkeypa
     assert resolve_replicas(0, on_cpu=True, packs=False, cores=4) == 1  # a Qwen2-VL copy per core: no
     assert resolve_replicas(0, on_cpu=False, packs=True, cores=4) == 1  # Metal, CUDA: never
     assert resolve_replicas(3, on_cpu=True, packs=False, cores=2) == 3  # asked for
+    # batches padded to bucketed shapes (engine.shape_buckets): replicas run unbucketed, so none
+    assert resolve_replicas(3, on_cpu=True, packs=True, cores=2, bucketed=True) == 1
     monkeypatch.setattr("sys.platform", "darwin")
     assert resolve_replicas(0, on_cpu=True, packs=True, cores=8) == 1
 
@@ -105,6 +108,7 @@ async def test_replicas_that_cannot_start_fall_back_to_streams_under_auto_only(m
     from tkr_embed.engine import replicas
     from tkr_embed.engine.replicas import ReplicaFailed
 
+    before = set(multiprocessing.active_children())  # the module fixtures' replicas, if running
     monkeypatch.setattr("sys.platform", "linux")
     monkeypatch.setattr(replicas, "START_TIMEOUT_SECONDS", 0.0)  # no replica is ready in time
     auto = EmbeddingService(make_settings(MINILM_SPEC, **{"engine.cpu_replicas": 0}))
@@ -119,3 +123,26 @@ async def test_replicas_that_cannot_start_fall_back_to_streams_under_auto_only(m
     with pytest.raises(ReplicaFailed, match="did not load"):
         await asked.start()
     await asked.stop()
+    # every replica started for either service has gone (killed, joined), none left running
+    assert not set(multiprocessing.active_children()) - before
+
+
+def test_start_all_stops_the_replicas_that_started_when_one_fails(monkeypatch):
+    """A server that cannot start all its replicas must not leave the ones that did start running
+    (each holds a copy of the model): start_all stops every lane before it raises."""
+    from tkr_embed.engine.replicas import ReplicaFailed, ReplicaLane, start_all
+    from tkr_embed.models.registry import resolve_model_dir
+
+    real_spawn = ReplicaLane._spawn
+
+    def spawn(lane):
+        if lane.index == 1:
+            raise ReplicaFailed("replica 1 could not load the model: injected")
+        real_spawn(lane)
+
+    monkeypatch.setattr(ReplicaLane, "_spawn", spawn)
+    lanes = [ReplicaLane(i, resolve_model_dir(MINILM_SPEC), ("none", None, None, None), 0, True) for i in range(2)]
+    with pytest.raises(ReplicaFailed, match="injected"):
+        start_all(lanes)
+    assert lanes[0].pid is not None  # it had loaded the model
+    assert not lanes[0]._process.is_alive() and lanes[0]._process.exitcode is not None

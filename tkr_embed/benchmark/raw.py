@@ -164,8 +164,10 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
     from ..engine.replicas import resolve_replicas
 
     worker, emb, sharded = sharded_engine(model, device, cpu_shards, dtype)
-    replicas = resolve_replicas(cpu_replicas, sharded.on_cpu, sharded.packs(emb), available_cores())
-    replicas = replicas if replicas > 1 and sharded.buckets is None and not dtype else 0
+    replicas = resolve_replicas(cpu_replicas, sharded.on_cpu, sharded.packs(emb), available_cores(),
+                                bucketed=sharded.buckets is not None)
+    # a replica loads the model as the server does: not with a dtype forced here
+    replicas = replicas if replicas > 1 and not dtype else 0
     lanes = start_replica_lanes(model, replicas, sharded.pack) if replicas else []
     rows = []
     for b in batches:
@@ -192,15 +194,12 @@ def mlx_engine(model: str, case: str, batches: list[int], seconds: float, device
 def start_replica_lanes(model: str, n: int, pack: bool) -> list:
     """n of the engine's replica processes (engine/replicas.py) with the model loaded as the
     streams' copy is (load_on_worker), on the CPU backend."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..engine.replicas import ReplicaLane
+    from ..engine.replicas import ReplicaLane, start_all
     from ..models.registry import resolve_model_dir
 
     load_args = ("none", None, None, None)  # as load_on_worker loads the streams' copy
     lanes = [ReplicaLane(i, resolve_model_dir(model), load_args, 0, pack) for i in range(n)]
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(lambda lane: lane.start(), lanes))
+    start_all(lanes)
     return lanes
 
 

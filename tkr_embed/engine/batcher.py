@@ -135,12 +135,15 @@ class Batcher:
                  max_queue_items: int, retry_after_seconds: int = 1,
                  on_batch: Callable[[int], None] | None = None, min_padding_efficiency: float = 0.0,
                  padded_tokens: PaddedTokens = unpadded_shape, packed: bool = False,
-                 lanes: Sequence[tuple[BatchWorker, Forward]] = ()):
+                 lanes: Sequence[tuple[BatchWorker, Forward]] = (), lone: Forward | None = None):
         """forward: a batch's vectors, run on the worker's thread; padded_tokens: the shape the
         device runs a padded batch as; packed: batches run as packed sequences (the budget counts
         real tokens, padded_tokens is not used); lanes: (worker, forward) pairs that each run
-        batches of this queue on their own, in place of worker and forward (engine replicas)."""
+        batches of this queue on their own, in place of worker and forward (engine replicas);
+        lone: with lanes, the forward for a batch of one item taken while every other lane is
+        idle (called on the lane's thread: engine/service.py runs it on the server's own worker)."""
         self._lanes = list(lanes) or [(worker, forward)]
+        self._lone = lone if len(self._lanes) > 1 else None
         self._padded = padded_tokens
         self.packed = packed
         self._on_batch = on_batch
@@ -178,8 +181,7 @@ class Batcher:
 
     @property
     def lanes_busy(self) -> int:
-        """Lanes with a drain job (read without the lock: a hint, as to whether a lone item may take
-        every core: engine/service.py)."""
+        """Lanes with a drain job (read without the lock: a hint)."""
         return len(self._lanes) - len(self._idle)
 
     def start(self) -> None:
@@ -282,7 +284,9 @@ class Batcher:
                         self._idle.append(lane)
                         return
                     self._in_flight[lane] = batch
-                self._run(batch, worker, forward)
+                    # A lone item while every other lane idles may have every core (`lone`).
+                    alone = self._lone is not None and len(batch) == 1 and len(self._idle) == len(self._lanes) - 1
+                self._run(batch, worker, self._lone if alone else forward)
                 with self._lock:
                     self._in_flight.pop(lane, None)
                 if worker.jobs_waiting:

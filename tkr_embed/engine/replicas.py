@@ -19,27 +19,27 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import queue
 import sys
-import threading
-import time
-from typing import Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import numpy as np
 
 from ..models.base import Prepared
+from .jobs import JobThread
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
 START_TIMEOUT_SECONDS = 600.0  # loading a model from disk and its first forward pass
 
 
-def resolve_replicas(setting: int, on_cpu: bool, packs: bool, cores: int) -> int:
+def resolve_replicas(setting: int, on_cpu: bool, packs: bool, cores: int, bucketed: bool = False) -> int:
     """engine.cpu_replicas: 0 = auto, one per core on Linux's CPU backend where the model runs
     packed sequences (the small BERT-family text encoders, whose copies cost little memory);
-    otherwise no replicas. Replicas run only on the CPU backend."""
-    if not on_cpu:
+    otherwise no replicas. Replicas run only on the CPU backend, and never where batches are
+    padded to bucketed shapes (engine.shape_buckets): a replica runs the streams' own forward,
+    unbucketed. 1: no replicas."""
+    if not on_cpu or bucketed:
         return 1
     if setting == 0:
         return cores if packs and sys.platform.startswith("linux") else 1
@@ -97,27 +97,24 @@ def _replica_main(conn, name: str, resolved, load_args: tuple, buffer_cache_mb: 
             conn.send(("err", f"{type(exc).__name__}: {exc}"))
 
 
-class ReplicaLane:
-    """One replica process and the thread of this process that feeds it: what the batcher needs of
-    a worker (post, step, jobs_waiting), plus `forward`, which runs a batch on the replica."""
+class ReplicaLane(JobThread):
+    """One replica process and the thread of this process that feeds it (engine/jobs.py: what the
+    batcher needs of a worker), plus `forward`, which runs a batch on the replica."""
 
     def __init__(self, index: int, resolved, load_args: tuple, buffer_cache_mb: int, pack: bool):
+        super().__init__(f"replica-lane-{index}")
         self._spawn_args = (resolved, load_args, buffer_cache_mb, pack)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"replica-lane-{index}", daemon=True)
         self.index = index
         self.pid: int | None = None
-        self.busy_seconds = 0.0
-        self.jobs_run = 0  # the batcher's steps on this lane (lone items among them run elsewhere)
+        # jobs_run counts the batcher's steps on this lane (lone items among them run elsewhere)
         self.batches_sent = 0  # batches the replica process ran
         self.restarts = 0
-        self._stopped = False
         self._process = self._conn = None
 
     def start(self) -> None:
         """Blocking: start the process and wait until its model is loaded."""
         self._spawn()
-        self._thread.start()
+        super().start()
 
     def _spawn(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that has MLX's threads
@@ -166,40 +163,12 @@ class ReplicaLane:
         return {"pid": self.pid, "busy_seconds": round(self.busy_seconds, 3), "batches": self.batches_sent,
                 "restarts": self.restarts}
 
-    # ---- the batcher's worker interface --------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is _STOP:
-                return
-            try:
-                job()
-            except BaseException:  # noqa: BLE001 - the batcher's drain logs and answers its own failures
-                pass
-
-    def post(self, fn: Callable[[], Any]) -> None:
-        if self._stopped:
-            raise ReplicaFailed(f"replica {self.index} has stopped")
-        self._jobs.put(fn)
-
-    def step(self, fn: Callable[..., Any], *args: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.busy_seconds += time.perf_counter() - start
-            self.jobs_run += 1
-
-    @property
-    def jobs_waiting(self) -> int:
-        return 0  # the lane runs nothing but the batcher's drains
+    def _stopped_error(self) -> Exception:
+        return ReplicaFailed(f"replica {self.index} has stopped")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._jobs.put(_STOP)
-        if self._process is None:
+        """The lane takes no more jobs (one running finishes), and the replica exits."""
+        if not self._close() or self._process is None:
             return
         try:
             self._conn.send(None)
@@ -209,3 +178,19 @@ class ReplicaLane:
         if self._process.is_alive():
             self._process.kill()
         self._conn.close()
+
+
+def start_all(lanes: Sequence[ReplicaLane], warm: Sequence[Prepared] = ()) -> None:
+    """Blocking: start the lanes' replicas in parallel (each loads the model), then run `warm` on
+    each, in parallel too. If any fails, every lane is stopped and ReplicaFailed raised."""
+    if not lanes:
+        return
+    try:
+        with ThreadPoolExecutor(len(lanes)) as pool:
+            list(pool.map(ReplicaLane.start, lanes))
+            if warm:
+                list(pool.map(lambda lane: lane.forward(warm), lanes))
+    except BaseException:
+        for lane in lanes:
+            lane.stop()
+        raise

@@ -26,6 +26,7 @@ from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
 from .batcher import Batcher, resolve_batch_tokens
 from .cache import EmbeddingCache, item_key
+from .replicas import ReplicaFailed, ReplicaLane, resolve_replicas, start_all
 from .shapes import buckets_up_to
 from .shards import ShardedForward, make_sharded_forward
 from .worker import MLXWorker
@@ -95,7 +96,7 @@ class EmbeddingService:
         self._owns_worker = shared_with is None
         self._shared_with = shared_with
         self.sharded: ShardedForward | None = None  # made on the worker at start (shared in a pool)
-        self.replicas: list = []  # engine.cpu_replicas: processes that run the batches (engine/replicas.py)
+        self.replicas: list[ReplicaLane] = []  # engine.cpu_replicas: processes that run the batches (engine/replicas.py)
         if shared_with is None:
             self.worker = MLXWorker(settings.model.device, settings.engine.cpu_buffer_cache_mb)
             self.cpu_pool = ThreadPoolExecutor(settings.engine.cpu_threads or available_cores(),
@@ -145,11 +146,18 @@ class EmbeddingService:
         forward = functools.partial(self.sharded, emb)  # worker thread: a batch's vectors
         warm = EmbedItem(text="warm-up")
         prepared = await loop.run_in_executor(self.cpu_pool, emb.prepare, warm)
-        lanes = await self._start_replicas(resolved, [prepared], forward)
+        self.replicas = await self._start_replicas(resolved, [prepared])
         self.batcher = Batcher(self.worker, forward, max_tokens, e.max_batch_items,
                                e.max_queue_items, e.retry_after_seconds, on_batch=self.on_batch,
                                min_padding_efficiency=e.min_padding_efficiency, padded_tokens=padded,
-                               packed=self.sharded.packs(emb), lanes=lanes)
+                               packed=self.sharded.packs(emb),
+                               lanes=[(r, r.forward) for r in self.replicas],
+                               # A lone item while the other replicas idle runs on this process's
+                               # MLX worker, with a BLAS thread per core (ShardedForward._whole):
+                               # at one client 22-24 ms per short text and 83-85 per long one
+                               # there, against 26 and 91 on a replica (docs/benchmarks.md,
+                               # "engine replicas instead of split batches").
+                               lone=functools.partial(self.worker.call, forward))
         self.batcher.start()
         # Warm-up: the first forward pass compiles kernels; pay it now, not on a user's request
         # (one item per shard, so every CPU stream has run once).
@@ -167,47 +175,29 @@ class EmbeddingService:
             gc.collect()
             gc.freeze()
 
-    async def _start_replicas(self, resolved: ResolvedModel, warm: list[Prepared],
-                              forward: Callable[[Sequence[Prepared]], np.ndarray]) -> list:
-        """engine.cpu_replicas > 1 on the CPU backend (the server's own model only): the replica
-        processes, started and warmed in parallel, as the batcher's lanes; [] otherwise.
-        forward: this process's own forward on its MLX worker (lone items)."""
+    async def _start_replicas(self, resolved: ResolvedModel, warm: list[Prepared]) -> list[ReplicaLane]:
+        """engine.cpu_replicas > 1 on the CPU backend (the server's own model only, not a pooled
+        one): the replica processes, started and warmed; [] otherwise."""
         from .buffer_cache import resolve_cpu_buffer_cache
-        from .replicas import ReplicaFailed, ReplicaLane, resolve_replicas
 
         m, e = self.model_settings, self.settings.engine
-        cores = available_cores()
-        n = resolve_replicas(e.cpu_replicas, self.sharded.on_cpu, self.sharded.packs(self.loaded.embedder), cores)
-        if n <= 1 or not self._owns_worker or self.sharded.buckets is not None:
+        n = resolve_replicas(e.cpu_replicas, self.sharded.on_cpu, self.sharded.packs(self.loaded.embedder),
+                             available_cores(), bucketed=self.sharded.buckets is not None)
+        if n <= 1 or not self._owns_worker:
             return []
         load_args = (m.quantization, m.max_tokens, m.min_pixels, m.max_pixels)
         # engine.cpu_buffer_cache_mb is the server's ceiling: each replica keeps its share of it
         cache_mb = max(1, (resolve_cpu_buffer_cache(e.cpu_buffer_cache_mb) // n) >> 20)
-        self.replicas = [ReplicaLane(i, resolved, load_args, cache_mb, self.sharded.pack) for i in range(n)]
-        loop = asyncio.get_running_loop()
+        replicas = [ReplicaLane(i, resolved, load_args, cache_mb, self.sharded.pack) for i in range(n)]
         try:
-            await asyncio.gather(*(loop.run_in_executor(None, r.start) for r in self.replicas))
-            await asyncio.gather(*(loop.run_in_executor(None, r.forward, warm) for r in self.replicas))
+            await asyncio.get_running_loop().run_in_executor(None, start_all, replicas, warm)
         except ReplicaFailed as exc:
-            replicas, self.replicas = self.replicas, []
-            for r in replicas:
-                await loop.run_in_executor(None, r.stop)
             if e.cpu_replicas:  # asked for: the server does not start without them
                 raise
             log.warning("engine replicas did not start (%s): batches split across CPU streams instead", exc)
             return []
         log.info("batches run on %d replica processes, one core each (engine.cpu_replicas)", n)
-
-        def lane_forward(replica, batch):
-            if len(batch) == 1 and self.batcher.lanes_busy <= 1:
-                # A lone item while the other replicas idle runs on this process's MLX worker,
-                # with a BLAS thread per core (ShardedForward._whole): at one client 22-24 ms
-                # per short text and 83-85 per long one there, against 26 and 91 on a replica
-                # with as many threads (docs/benchmarks.md, "engine replicas instead of split batches").
-                return self.worker.call(forward, batch)
-            return replica.forward(batch)
-
-        return [(r, functools.partial(lane_forward, r)) for r in self.replicas]
+        return replicas
 
     async def stop(self) -> None:
         if self.batcher:
