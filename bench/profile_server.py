@@ -49,18 +49,35 @@ def thread_cpu(pid: int) -> dict[int, tuple[float, float, int]]:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The server's child processes: its front ends (server.frontends > 1, serving.py) and
-    multiprocessing's helpers."""
+    """The server's child processes: its front ends (server.frontends > 1, serving.py), its engine
+    replicas (engine.cpu_replicas) and multiprocessing's helpers. Each thread lists the children it
+    started (replicas are started from a pool thread, restarted from their lane's), so all are read."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread ended between listing and reading
+            continue
+    return sorted(set(found))
+
+
+def process_name(pid: int) -> str:
+    """As ps shows it: engine replicas name themselves tkr-replica-N (engine/replicas.py)."""
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
-        return []
+        return "?"
+
+
+def is_replica(pid: int) -> bool:
+    return process_name(pid).startswith("tkr-replica")
 
 
 def is_frontend(pid: int) -> bool:
-    """A spawned front end, not multiprocessing's resource tracker (both are children)."""
+    """A spawned front end, not multiprocessing's resource tracker or an engine replica (all are
+    children, and replicas are spawned too)."""
     try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and not is_replica(pid)
     except OSError:
         return False
 
@@ -167,6 +184,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
                  "-f", "raw", "-o", str(raw), "--threads", "--nonblocking", *(["--gil"] if args.gil else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
     children_before = {c: process_cpu(c) for c in children}
+    names_of = {c: process_name(c) for c in children}
     before, machine_before, t0 = thread_cpu(pid), machine_cpu(), time.perf_counter()
     gen.join()
     if not level_out:
@@ -198,6 +216,8 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     threads = sorted(((d[0], t) for t, d in deltas.items()), reverse=True)
     process_cpu_s = sum(d for d, _ in threads)  # the engine (or only) process, every thread
     server_cpu = process_cpu_s + sum(children_cpu.values())
+    # The engine's forward runs in its replicas where it has them: their CPU is the engine's.
+    replica_cpu_s = sum(d for c, d in children_cpu.items() if names_of[c].startswith("tkr-replica"))
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
         "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},
@@ -218,10 +238,12 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         "cores": {"server": round(server_cpu / wall, 2), "others": round((machine[0] - server_cpu) / wall, 2),
                   "idle": round(machine[1] / wall, 2), "steal": round(machine[2] / wall, 2)},
         "items_run": items,
-        "cpu_ms_per_item": round(1000 * process_cpu_s / max(items, 1), 2),
+        "replicas_cpu_s": round(replica_cpu_s, 2),
+        # the engine process and its replicas (front ends apart)
+        "cpu_ms_per_item": round(1000 * (process_cpu_s + replica_cpu_s) / max(items, 1), 2),
         "minor_faults_per_item": round(sum(d[2] for d in deltas.values()) / max(items, 1)),
-        # Each child process (the front ends) in CPU ms per request and in cores.
-        "children": [{"pid": c, "cpu_ms_per_request": round(1000 * d / requests, 3), "cores": round(d / wall, 2)}
+        # Each child process (front ends, replicas) in CPU ms per request and in cores.
+        "children": [{"pid": c, "name": names_of[c], "cpu_ms_per_request": round(1000 * d / requests, 3), "cores": round(d / wall, 2)}
                      for c, d in sorted(children_cpu.items(), key=lambda kv: -kv[1]) if d >= 0.05],
         "threads": [{"tid": t, "name": names.get(t, "native"), "cpu_s": round(d, 2), "sys_s": round(deltas[t][1], 2),
                      "minor_faults_per_item": round(deltas[t][2] / max(items, 1), 1),
