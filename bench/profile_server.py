@@ -148,6 +148,8 @@ def batcher_stats(url: str) -> dict:
         info = json.loads(r.read())
     stats = info["batcher"]
     stats["worker_busy_s"] = info.get("worker", {}).get("busy_seconds", 0.0)
+    # engine replicas (engine.cpu_replicas): each one's busy seconds, by pid
+    stats["replicas_busy_s"] = {r["pid"]: r["busy_seconds"] for r in info.get("worker", {}).get("replicas") or []}
     stats["frontend"] = info.get("frontends")  # several front ends: the one this request reached
     stats["shapes"] = info.get("worker", {}).get("shapes") or []  # bucketed shapes run (CUDA)
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -224,6 +226,13 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
         "shapes": shapes,
         # Share of the span the MLX worker ran jobs: the rest it waited for the event loop or for work.
         "worker_busy_share": round((batcher_after["worker_busy_s"] - batcher_before["worker_busy_s"]) / wall, 3),
+        # Each replica's share of the span running batches, and the replicas' busy time per item
+        # (one core each: against the raw ceiling's 1 / its replicas' items/s per replica).
+        "replicas_busy_share": [round((b - batcher_before["replicas_busy_s"].get(pid, 0.0)) / wall, 3)
+                                for pid, b in batcher_after["replicas_busy_s"].items()],
+        "replicas_busy_ms_per_item": round(1000 * sum(
+            b - batcher_before["replicas_busy_s"].get(pid, 0.0) for pid, b in batcher_after["replicas_busy_s"].items())
+            / max(items, 1), 2),
         # Mean time a request spent inside the server (first byte in to last byte out), against
         # the clients' p50: the difference is spent in the network stack and the clients.
         "server_mean_ms": round(1000 * (batcher_after["http_seconds_sum"] - batcher_before["http_seconds_sum"])
