@@ -215,3 +215,28 @@ def test_cores_given_to_the_suite_bind_its_child_processes_and_bad_lists_are_ref
     probe = "import json, os; print(json.dumps(sorted(os.sched_getaffinity(0))))"
     assert run_json([sys.executable, "-c", probe], cpus=frozenset({one})) == [one]
     assert run_json([sys.executable, "-c", probe]) == sorted(allowed)
+
+
+def test_paired_rounds_also_hold_the_server_to_the_one_layout_best_over_all_rounds():
+    """Each round's own best is the highest of several noisy numbers; the layout best over all
+    rounds (by median) is measured in every round and the server divided by that."""
+    from tkr_embed.benchmark.suite import engine_layouts, fixed_best_layout, paired
+
+    def one(b16: tuple[float, float], b64: tuple[float, float], tkr: float) -> dict:
+        rows = [{"batch": b, "items_per_s": max(s, r), "layout": "streams" if s >= r else "replicas",
+                 "streams_items_per_s": s, "replicas_items_per_s": r} for b, (s, r) in ((16, b16), (64, b64))]
+        best = max(rows, key=lambda row: row["items_per_s"])
+        level = [{"concurrency": 64, "requests_per_s": tkr, "items_per_s": tkr, "p50_ms": 1.0, "p99_ms": 2.0,
+                  "errors": 0}]
+        return {"raw": {"short": {"mlx-engine": {"best": best, "results": rows}}},
+                "servers": {"short": {"tkr-embed": level}}}
+
+    # replicas at batch 16 run 200 in every round; one round's streams at batch 64 got lucky (250)
+    rounds = [one((150, 200), (180, 190), 180.0), one((150, 200), (250, 190), 180.0), one((150, 200), (180, 190), 180.0)]
+    assert engine_layouts(rounds[1]["raw"]["short"]["mlx-engine"])["streams, batch 64"] == 250
+    assert fixed_best_layout(rounds, "short") == "replicas, batch 16"
+    out = paired(rounds)["short"]
+    assert out["tkr-embed/engine"]["64"]["rounds"] == [0.9, 0.72, 0.9]  # each round's own best
+    assert out["tkr-embed/engine (replicas, batch 16)"]["64"] == {"rounds": [0.9, 0.9, 0.9], "median": 0.9}
+    # a single round has no layout judged over rounds: only its own best
+    assert list(paired(rounds[:1])["short"]) == ["tkr-embed/engine"]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -49,6 +50,12 @@ def tables(result: dict) -> str:
         for case, pairs in result["summary"].items():
             for pair, by_c in pairs.items():
                 out.append(f"| {case} | {pair} | " + " | ".join(f"{by_c.get(str(c), '')}x" for c in levels) + " |")
+    if result.get("later_rounds"):
+        # recomputed: results written before a ratio was added show it too
+        from .suite import paired
+
+        rounds = [{"raw": result["raw"], "servers": result["servers"]}, *result["later_rounds"]]
+        result = {**result, "paired": paired(copy.deepcopy(rounds))}
     if result.get("paired"):
         rounds = 1 + len(result.get("later_rounds", []))
         out.append(f"\nPaired over {rounds} rounds (raw ceilings, then servers, alternating): median ratio "
