@@ -69,15 +69,15 @@ def process_name(pid: int) -> str:
         return "?"
 
 
-def is_replica(pid: int) -> bool:
-    return process_name(pid).startswith("tkr-replica")
+def is_replica_name(name: str) -> bool:
+    return name.startswith("tkr-replica")
 
 
 def is_frontend(pid: int) -> bool:
     """A spawned front end, not multiprocessing's resource tracker or an engine replica (all are
     children, and replicas are spawned too)."""
     try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and not is_replica(pid)
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and not is_replica_name(process_name(pid))
     except OSError:
         return False
 
@@ -219,7 +219,7 @@ def profile_case(running: Running, case: str, args, py_spy: str | None, work: Pa
     process_cpu_s = sum(d for d, _ in threads)  # the engine (or only) process, every thread
     server_cpu = process_cpu_s + sum(children_cpu.values())
     # The engine's forward runs in its replicas where it has them: their CPU is the engine's.
-    replica_cpu_s = sum(d for c, d in children_cpu.items() if names_of[c].startswith("tkr-replica"))
+    replica_cpu_s = sum(d for c, d in children_cpu.items() if is_replica_name(names_of[c]))
     return {
         "case": case, "load": level, "wall_s": round(wall, 2),
         "batches": {"run": batches, "mean_items": round(items / batches, 1) if batches else 0.0},

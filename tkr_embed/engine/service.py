@@ -25,6 +25,7 @@ from ..cores import available_cores
 from ..models.base import IMAGE, EmbedItem, Prepared, UnsupportedInput
 from ..models.registry import LoadedModel, ResolvedModel, load_embedder, resolve_model_dir
 from .batcher import Batcher, resolve_batch_tokens
+from .buffer_cache import resolve_cpu_buffer_cache
 from .cache import EmbeddingCache, item_key
 from .replicas import ReplicaFailed, ReplicaLane, resolve_replicas, start_all
 from .shapes import buckets_up_to
@@ -178,8 +179,6 @@ class EmbeddingService:
     async def _start_replicas(self, resolved: ResolvedModel, warm: list[Prepared]) -> list[ReplicaLane]:
         """engine.cpu_replicas > 1 on the CPU backend (the server's own model only, not a pooled
         one): the replica processes, started and warmed; [] otherwise."""
-        from .buffer_cache import resolve_cpu_buffer_cache
-
         m, e = self.model_settings, self.settings.engine
         n = resolve_replicas(e.cpu_replicas, self.sharded.on_cpu, self.sharded.packs(self.loaded.embedder),
                              available_cores(), bucketed=self.sharded.buckets is not None)
